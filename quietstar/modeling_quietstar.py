@@ -1,0 +1,444 @@
+"""`QuietStarForCausalLM`: Quiet-STaR (Zelikman et al. 2024) around any decoder-only transformers causal LM.
+
+After every text position i the model thinks: it writes `<|startofthought|> t_1 .. t_T <|endofthought|>` and predicts
+the next tokens from a mix of the base prediction and the post-thought one. `forward` is five named steps:
+
+    1. text_pass        the base LM over the text: base logits and hidden states; each layer's K/V is recorded.
+    2. sample_thoughts  T thought tokens for all L positions and N thoughts at once, step by step, without gradient.
+    3. thought_pass     ONE teacher-forced pass, with gradient, over every chain
+                        [SoT, t_1 .. t_T, EoT, x_{i+1} .. x_{i+A-1}]: the policy's logits for t_1 .. t_T and the
+                        post-thought predictions of x_{i+1} .. x_{i+A}.
+    4. mixing head      w from (base hidden, post-thought hidden); logits_mixed = (1 - w) base + w thought.
+    5. objective        (labels given) base NLL + mixed NLL + REINFORCE (see objective.py).
+
+Chain step s of position i sits at position id i + 1 + s, exactly where it would be in the explicit sequence
+x_0 .. x_i SoT t_1 .. t_T EoT x_{i+1} ..: the thought passes equal the plain model run on that sequence.
+
+Dimensions: B batch, L text positions, N thoughts per position, T thought tokens, A lookahead tokens,
+S = T + A + 1 chain steps, H hidden size, V vocabulary.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .attention import ATTN_IMPLEMENTATION, ThoughtKV, register_quietstar_attention
+from .configuration_quietstar import QuietStarConfig
+from .mixing import INITIAL_MIXING_LOGIT, MixingHead, MixingLogit, mix_logits
+from .objective import quietstar_loss
+from .sampling import sample_thought_tokens, thought_log_probs
+from .thought_tokens import add_thought_tokens, initial_thought_embedding
+
+register_quietstar_attention()  # at import, so remote-code loading (trust_remote_code) registers it too
+
+
+@dataclass
+class QuietStarCausalLMOutput(ModelOutput):
+    """
+    Args:
+        loss: weighted Quiet-STaR loss (labels given).
+        logits: (B, L, V) next-token log-probabilities after thinking: the mixed prediction averaged over the N
+            thoughts (in probability space); the marker tokens are masked out.
+        base_logits: (B, L, V) the base model's next-token logits (no thought).
+        mixing_weights: (B, N, L) the weight w of the thought-conditioned prediction used for `logits`.
+        thought_ids: (B, N, L, T) the thought written after each position.
+        nll_base, nll_mixed, policy_loss, reward_mean: the loss parts, detached, for logging.
+        rewards: (B, N, L) each thought's reward (log-likelihood gain over the base on the A lookahead tokens);
+            0 where the position has no complete lookahead.
+    """
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    base_logits: Tensor | None = None
+    mixing_weights: Tensor | None = None
+    thought_ids: Tensor | None = None
+    nll_base: Tensor | None = None
+    nll_mixed: Tensor | None = None
+    policy_loss: Tensor | None = None
+    reward_mean: Tensor | None = None
+    rewards: Tensor | None = None
+
+
+@dataclass
+class TextPass:
+    """The base model over the text. logits (B, L, V), hidden (B, L, H) final-layer states, kv: recorded K/V."""
+
+    input_ids: Tensor
+    position_ids: Tensor
+    logits: Tensor
+    hidden: Tensor
+    kv: ThoughtKV
+
+
+@dataclass
+class ThoughtPass:
+    """The teacher-forced pass over every chain.
+
+    policy_logits: (B, N, L, T, V) logits at chain steps 0 .. T-1, which predict t_1 .. t_T (None if not asked).
+    logits: (B, N, L, A, V) post-thought predictions of x_{i+1} .. x_{i+A} (chain steps T+1 .. T+A).
+    hidden: (B, N, L, A, H) final-layer states at those steps.
+    """
+
+    policy_logits: Tensor | None
+    logits: Tensor
+    hidden: Tensor
+
+
+class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = QuietStarConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False  # layer checkpointing would drop the recorded K/V; see README
+    _no_split_modules = []
+    _skip_keys_device_placement = ["past_key_values"]
+    _tied_weights_keys = {}  # the wrapped model declares its own; post_init prefixes them
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    accepts_loss_kwargs = False  # the loss is a per-batch mean: let Trainer divide by gradient-accumulation steps
+
+    def __init__(self, config: QuietStarConfig, base_model: PreTrainedModel | None = None):
+        config._attn_implementation = ATTN_IMPLEMENTATION  # propagates to text_config: thoughts need this backend
+        super().__init__(config)
+        self.model = base_model if base_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        if not getattr(self.model, "_supports_attention_backend", False):
+            raise ValueError(
+                f"{type(self.model).__name__} is not supported as a Quiet-STaR base: its attention does not go through "
+                "transformers' AttentionInterface, which the thought passes plug into. Supported: llama, mistral, "
+                "qwen2, qwen3, gemma and the other architectures whose attention uses ALL_ATTENTION_FUNCTIONS."
+            )
+        hidden_size = config.text_config.hidden_size
+        # Rows: start, end. Stored divided by `thought_embedding_scale` (see `marker_embeddings`).
+        self.thought_embeddings = nn.Parameter(torch.empty(2, hidden_size))
+        self.mixing_head = MixingHead(hidden_size, config.mixer_hidden_size)
+        self.post_init()
+
+    # ---- construction --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_base(
+        cls,
+        base: PreTrainedModel | str | os.PathLike,
+        tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+        **config_fields,
+    ) -> tuple["QuietStarForCausalLM", PreTrainedTokenizerBase]:
+        """Wrap a causal LM (instance or local path) into a Quiet-STaR model.
+
+        Adds `<|startofthought|>` / `<|endofthought|>` to the tokenizer (loaded from `base` if it is a path and no
+        tokenizer is given), grows the embeddings if needed and initialises both thought embeddings from "---" as
+        the paper does. `config_fields` are `QuietStarConfig` fields (thought_length=..., n_thoughts=..., ...).
+        The base model instance is reused, not copied. Returns (model, tokenizer).
+        """
+        if isinstance(base, (str, os.PathLike)):
+            tokenizer = tokenizer if tokenizer is not None else base
+            base = AutoModelForCausalLM.from_pretrained(base)
+        if not isinstance(base, PreTrainedModel) or base.get_output_embeddings() is None:
+            raise TypeError(
+                f"`base` must be a transformers causal LM with an output head (e.g. LlamaForCausalLM), got "
+                f"{type(base).__name__}. Load it with AutoModelForCausalLM."
+            )
+        if tokenizer is None:
+            raise ValueError("pass the base model's tokenizer (or a path to it): the thought tokens are added to it.")
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+
+        start_id, end_id = add_thought_tokens(tokenizer)
+        if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+            base.resize_token_embeddings(len(tokenizer))
+        config = QuietStarConfig(
+            text_config=base.config, start_thought_token_id=start_id, end_thought_token_id=end_id, **config_fields
+        )
+        model = cls(config, base_model=base)
+        reference = base.get_input_embeddings().weight
+        model.mixing_head.to(device=reference.device, dtype=reference.dtype)
+        with torch.no_grad():
+            start = initial_thought_embedding(tokenizer, base.get_input_embeddings()) / config.thought_embedding_scale
+            model.thought_embeddings.data = start.expand(2, -1).to(reference).clone()
+        return model, tokenizer
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MixingLogit):
+            init.zeros_(module.weight)
+            init.constant_(module.bias, INITIAL_MIXING_LOGIT)
+        elif module is self:
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
+            init.normal_(self.thought_embeddings, std=std / self.config.thought_embedding_scale)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    @property
+    def marker_ids(self) -> tuple[int, int]:
+        """(start, end) thought-marker token ids."""
+        return self.config.start_thought_token_id, self.config.end_thought_token_id
+
+    def marker_embeddings(self) -> tuple[Tensor, Tensor]:
+        """(H,), (H,) the start and end marker embeddings fed to the model: the stored rows times the scale, so
+        their effective learning rate is `thought_embedding_scale` times the optimizer's (the paper's 1e2)."""
+        start, end = (self.thought_embeddings * self.config.thought_embedding_scale).unbind(0)
+        return start, end
+
+    # ---- forward -----------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        thought_ids: Tensor | None = None,
+        **kwargs,
+    ) -> QuietStarCausalLMOutput:
+        """Think after every position, predict with and without the thought, and (with labels) compute the loss.
+
+        Args:
+            input_ids: (B, L) token ids; padding must be on the right.
+            attention_mask: (B, L) 1 for tokens, 0 for (right) padding.
+            labels: (B, L) targets as for any transformers causal LM (shifted inside; -100 ignored).
+            thought_ids: (B, N, L, T) thoughts to use instead of sampling them (e.g. to re-score given thoughts).
+        """
+        self._check_inputs(input_ids, attention_mask, labels, thought_ids)
+        config = self.config
+        lookahead = config.lookahead if labels is not None else 1  # without labels only x_{i+1} is predicted
+        chain_length = config.thought_length + lookahead + 1
+        needs_policy = labels is not None and config.thought_temperature > 0
+
+        text = self.text_pass(input_ids, attention_mask, chain_length)
+        if thought_ids is None:
+            thought_ids = self.sample_thoughts(text)
+        thoughts = self.thought_pass(text, thought_ids, lookahead, with_policy_logits=needs_policy)
+
+        ahead = _lookahead_index(input_ids.shape[1], lookahead, input_ids.device)  # (L, A): position i + s
+        base_logits_ahead = text.logits[:, ahead].unsqueeze(1)  # (B, 1, L, A, V)
+        weights = self.mixing_head(text.hidden[:, ahead].unsqueeze(1).expand_as(thoughts.hidden), thoughts.hidden)
+        mixed_logits = mix_logits(base_logits_ahead, thoughts.logits, weights)  # (B, N, L, A, V)
+
+        loss_parts = None
+        if labels is not None:
+            loss_parts = self._objective(text, thoughts, thought_ids, mixed_logits, labels, attention_mask)
+        return QuietStarCausalLMOutput(
+            loss=loss_parts.loss if loss_parts else None,
+            logits=self._next_token_log_probs(mixed_logits[..., 0, :]),
+            base_logits=text.logits,
+            mixing_weights=weights[..., 0],
+            thought_ids=thought_ids,
+            nll_base=loss_parts.nll_base if loss_parts else None,
+            nll_mixed=loss_parts.nll_mixed if loss_parts else None,
+            policy_loss=loss_parts.policy_loss if loss_parts else None,
+            reward_mean=loss_parts.reward_mean if loss_parts else None,
+            rewards=loss_parts.rewards if loss_parts else None,
+        )
+
+    def text_pass(self, input_ids: Tensor, attention_mask: Tensor | None, chain_length: int) -> TextPass:
+        """Step 1: the base model over the text (B, L), recording each layer's K/V for the thought passes."""
+        batch, length = input_ids.shape
+        kv = ThoughtKV(n_thoughts=self.config.n_thoughts, n_positions=length, max_steps=chain_length)
+        position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+            quietstar_kv=kv,
+        )
+        if not kv.text:
+            raise RuntimeError(
+                f"{type(self.model).__name__} did not call the 'quietstar' attention: its attention does not go "
+                "through transformers' AttentionInterface (unsupported base), or attn_implementation was changed. "
+                f"Use a base whose attention layers call ALL_ATTENTION_FUNCTIONS and attn_implementation='{ATTN_IMPLEMENTATION}'."
+            )
+        return TextPass(input_ids, position_ids, out.logits, out.hidden_states[-1], kv)
+
+    @torch.no_grad()
+    def sample_thoughts(self, text: TextPass) -> Tensor:
+        """Step 2: sample T tokens after every position, N thoughts each, all positions in parallel.
+
+        Chain step k runs N*L queries at once (one per thought and position); each attends to the text up to its
+        position and its own earlier steps, whose K/V are kept in `text.kv`. Returns thought ids (B, N, L, T).
+        """
+        batch, length = text.input_ids.shape
+        start, _ = self.marker_embeddings()
+        step_embeds = start.expand(batch, self.config.n_thoughts, length, 1, -1)  # (B, N, L, 1, H)
+        tokens = []
+        for step in range(self.config.thought_length):
+            logits, _ = self._run_chain(text, step_embeds, step_offset=step, streaming=True)  # (B, N, L, 1, V)
+            token = sample_thought_tokens(logits[..., 0, :], self.config.thought_temperature, self.marker_ids)
+            tokens.append(token)  # (B, N, L)
+            step_embeds = self.get_input_embeddings()(token).unsqueeze(-2)
+        return torch.stack(tokens, dim=-1)
+
+    def thought_pass(
+        self, text: TextPass, thought_ids: Tensor, lookahead: int, with_policy_logits: bool = True
+    ) -> ThoughtPass:
+        """Step 3: one teacher-forced pass over every chain [SoT, t_1..t_T, EoT, x_{i+1}..x_{i+A-1}] (B, N, L, S)."""
+        batch, n_thoughts, length, thought_length = thought_ids.shape
+        start, end = self.marker_embeddings()
+        embed = self.get_input_embeddings()
+        true_next = text.input_ids[:, _lookahead_index(length, lookahead, thought_ids.device)[:, 1:]]  # (B, L, A-1)
+        chain = torch.cat(
+            [
+                start.expand(batch, n_thoughts, length, 1, -1),
+                embed(thought_ids),
+                end.expand(batch, n_thoughts, length, 1, -1),
+                embed(true_next).unsqueeze(1).expand(-1, n_thoughts, -1, -1, -1),
+            ],
+            dim=3,
+        )  # (B, N, L, S, H)
+        policy_steps = list(range(thought_length)) if with_policy_logits else []
+        ahead_steps = list(range(thought_length + 1, thought_length + 1 + lookahead))  # EoT .. x_{i+A-1}
+        logits, hidden = self._run_chain(text, chain, step_offset=0, keep_steps=policy_steps + ahead_steps)
+        n_policy = len(policy_steps)
+        return ThoughtPass(
+            policy_logits=logits[..., :n_policy, :] if with_policy_logits else None,
+            logits=logits[..., n_policy:, :],
+            hidden=hidden[..., thought_length + 1 :, :],
+        )
+
+    def _run_chain(
+        self,
+        text: TextPass,
+        embeds: Tensor,
+        step_offset: int,
+        streaming: bool = False,
+        keep_steps: list[int] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Run chain steps step_offset .. step_offset+Sq-1 of every (thought, position) through the base model.
+
+        embeds (B, N, L, Sq, H) -> logits (B, N, L, len(keep_steps) or Sq, V), hidden (B, N, L, Sq, H).
+        The chains are laid out "(n l s)" along the sequence axis; attention follows the thought pattern.
+        """
+        batch, n_thoughts, length, n_steps, _ = embeds.shape
+        steps = torch.arange(step_offset, step_offset + n_steps, device=embeds.device)
+        position_ids = text.position_ids[:, None, :, None] + 1 + steps  # (B, 1, L, Sq): step s of i at i + 1 + s
+        position_ids = position_ids.expand(batch, n_thoughts, length, n_steps)
+        logits_to_keep = 0  # all
+        if keep_steps is not None:
+            chains = torch.arange(n_thoughts * length, device=embeds.device)[:, None] * n_steps
+            logits_to_keep = (chains + torch.tensor(keep_steps, device=embeds.device)).flatten()
+        out = self.model(
+            inputs_embeds=rearrange(embeds, "b n l s h -> b (n l s) h"),
+            position_ids=rearrange(position_ids, "b n l s -> b (n l s)"),
+            # 4-D masks pass transformers' mask builders untouched; the thought attention is structural and ignores it.
+            attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=embeds.device),
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=logits_to_keep,
+            quietstar_kv=text.kv.at(step_offset, streaming=streaming),
+        )
+        layout = dict(n=n_thoughts, l=length)
+        logits = rearrange(out.logits, "b (n l s) v -> b n l s v", **layout)
+        hidden = rearrange(out.hidden_states[-1], "b (n l s) h -> b n l s h", **layout)
+        return logits, hidden
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> dict:
+        """`generate()` support without a KV cache: every step reruns the full forward on the whole sequence and takes
+        the last position's mixed prediction. Correct, not fast; prompts in a batch need right padding."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # ---- mixing and objective ----------------------------------------------------------------------------------------
+
+    def _next_token_log_probs(self, mixed_logits: Tensor) -> Tensor:
+        """(B, N, L, V) mixed logits per thought -> (B, L, V) log of the thoughts' mean probability, markers masked."""
+        mixed_logits = mixed_logits.clone()
+        mixed_logits[..., list(self.marker_ids)] = float("-inf")
+        return torch.logsumexp(mixed_logits.log_softmax(dim=-1), dim=1) - math.log(mixed_logits.shape[1])
+
+    def _objective(self, text, thoughts, thought_ids, mixed_logits, labels, attention_mask):
+        """Step 5: per-token log-probabilities and masks -> `quietstar_loss`."""
+        config = self.config
+        length, lookahead = labels.shape[1], mixed_logits.shape[-2]
+        valid = labels != -100
+        if attention_mask is not None:
+            valid = valid & attention_mask.bool()
+        # targets[b, i, s] = x_{i+1+s}, predicted by the base model at position i + s
+        ahead = _lookahead_index(length, lookahead, labels.device)  # (L, A) i + s, clamped
+        target_index = torch.arange(1, length + 1, device=labels.device)[:, None] + torch.arange(lookahead, device=labels.device)
+        in_range = target_index < length
+        target_index = target_index.clamp(max=length - 1)
+        targets = labels[:, target_index].clamp(min=0)  # (B, L, A); -100 -> 0, masked below
+        target_valid = valid[:, target_index] & in_range
+        next_labels = torch.cat([labels[:, 1:], labels[:, :1]], dim=1).clamp(min=0)  # last column: never valid
+        base_log_probs = _token_log_probs(text.logits, next_labels)[:, ahead]  # (B, L, A)
+        mixed_log_probs = _token_log_probs(mixed_logits, targets.unsqueeze(1))  # (B, N, L, A)
+        policy_log_probs = None
+        if thoughts.policy_logits is not None:
+            policy_log_probs = thought_log_probs(
+                thoughts.policy_logits, thought_ids, config.thought_temperature, self.marker_ids
+            )
+        return quietstar_loss(
+            base_log_probs,
+            mixed_log_probs,
+            policy_log_probs,
+            base_mask=target_valid[..., 0],
+            thought_mask=target_valid.all(dim=-1),
+            base_loss_weight=config.base_loss_weight,
+            mixed_loss_weight=config.mixed_loss_weight,
+            policy_weight=config.policy_weight,
+            clip_advantage=config.clip_advantage,
+        )
+
+    def _check_inputs(self, input_ids, attention_mask, labels, thought_ids) -> None:
+        config = self.config
+        if None in self.marker_ids:
+            raise ValueError(
+                "the config has no thought token ids. Create the model with `QuietStarForCausalLM.from_base(base, "
+                "tokenizer)`, which adds <|startofthought|> / <|endofthought|> and sets them."
+            )
+        if input_ids is None or input_ids.ndim != 2:
+            raise ValueError("`input_ids` must be a (batch, length) tensor of token ids.")
+        length = input_ids.shape[1]
+        if labels is not None and length < config.lookahead + 1:
+            raise ValueError(
+                f"sequence length {length} is shorter than lookahead + 1 = {config.lookahead + 1}: no position has "
+                f"all {config.lookahead} lookahead tokens to score. Use longer sequences or a smaller `lookahead`."
+            )
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}.")
+            if (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+                raise ValueError(
+                    "attention_mask has padding before tokens: the Quiet-STaR forward needs right padding "
+                    "(tokenizer.padding_side = 'right')."
+                )
+        if thought_ids is not None:
+            expected = (input_ids.shape[0], config.n_thoughts, length, config.thought_length)
+            if tuple(thought_ids.shape) != expected:
+                raise ValueError(f"thought_ids must have shape (B, N, L, T) = {expected}, got {tuple(thought_ids.shape)}.")
+        if self.training and labels is not None and config.policy_weight > 0 and config.n_thoughts < 2:
+            raise ValueError(
+                "training the thought policy needs n_thoughts >= 2: the REINFORCE baseline is the mean reward over "
+                "the N thoughts of a position, so with one thought every advantage is 0. Set n_thoughts >= 2 "
+                "(or policy_weight=0)."
+            )
+
+
+def _lookahead_index(length: int, lookahead: int, device: torch.device) -> Tensor:
+    """(L, A) index i + s of the text position that predicts x_{i+1+s}, clamped to L-1 (those are masked out)."""
+    return (torch.arange(length, device=device)[:, None] + torch.arange(lookahead, device=device)).clamp(max=length - 1)
+
+
+def _token_log_probs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[token] without materialising the log-softmax. logits (..., V), tokens (...) -> (...)."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+
+
+__all__ = ["QuietStarForCausalLM", "QuietStarCausalLMOutput", "TextPass", "ThoughtPass"]

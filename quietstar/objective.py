@@ -1,0 +1,85 @@
+"""The Quiet-STaR objective: base NLL + mixed (thought-conditioned) NLL + REINFORCE on the thoughts.
+
+For thought n after position i, scored on the next A true tokens (paper Sec. 4.4, "non-myopic" reward):
+
+    r[n, i] = sum_{s<A} log p_mixed(x_{i+1+s} | x_{<=i}, thought_n, x_{i+1..i+s}) - log p_base(x_{i+1+s} | x_{<=i+s})
+    adv[n, i] = r[n, i] - mean_n' r[n', i]            (baseline: the mean over the N thoughts of the same position)
+    adv = max(adv, 0)                                 (if clip_advantage: only better-than-average thoughts)
+    policy_loss = -mean_{n,i} adv[n, i] * mean_k log pi(t_k | ...)
+
+Rewards are constants (no gradient flows through them); minimising -adv * log pi raises the probability of the
+thoughts that beat their siblings. Like nanochat's RL, this is plain on-policy REINFORCE: no KL, no ratio clipping.
+
+    loss = base_loss_weight * nll_base + mixed_loss_weight * nll_mixed + policy_weight * policy_loss
+
+Dimensions: B batch, N thoughts per position, L positions, A lookahead tokens, T thought tokens.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class QuietStarLoss:
+    """The weighted total and its (unweighted) parts, scalars; `rewards` (B, N, L) per thought, 0 where masked."""
+
+    loss: Tensor
+    nll_base: Tensor
+    nll_mixed: Tensor
+    policy_loss: Tensor
+    reward_mean: Tensor
+    rewards: Tensor
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` where the (broadcastable) boolean `mask` holds; 0 if it holds nowhere."""
+    mask = mask.expand_as(values)
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def quietstar_loss(
+    base_log_probs: Tensor,
+    mixed_log_probs: Tensor,
+    policy_log_probs: Tensor | None,
+    base_mask: Tensor,
+    thought_mask: Tensor,
+    *,
+    base_loss_weight: float,
+    mixed_loss_weight: float,
+    policy_weight: float,
+    clip_advantage: bool,
+) -> QuietStarLoss:
+    """Combine the per-token log-probabilities into the Quiet-STaR loss.
+
+    Args:
+        base_log_probs: (B, L, A) log p_base(x_{i+1+s}), the base model's prediction at position i+s.
+        mixed_log_probs: (B, N, L, A) log p_mixed(x_{i+1+s}) after thought n of position i.
+        policy_log_probs: (B, N, L, T) log pi(t_k) of the sampled thought tokens, or None when thoughts are greedy
+            (a deterministic policy has no score function: the policy term is then 0).
+        base_mask: (B, L) position i has a valid next token x_{i+1} (base NLL).
+        thought_mask: (B, L) all A lookahead tokens of position i exist and are valid (mixed NLL, REINFORCE).
+    """
+    nll_base = -masked_mean(base_log_probs[..., 0], base_mask)
+    per_thought = thought_mask.unsqueeze(1)  # (B, 1, L), broadcast over thoughts
+    nll_mixed = -masked_mean(mixed_log_probs.mean(dim=-1), per_thought)
+
+    reward = (mixed_log_probs - base_log_probs.unsqueeze(1)).sum(dim=-1).detach()  # (B, N, L)
+    advantage = reward - reward.mean(dim=1, keepdim=True)  # baseline: mean over the N thoughts of the position
+    if clip_advantage:
+        advantage = advantage.clamp(min=0)
+    if policy_log_probs is None:
+        policy_loss = mixed_log_probs.new_zeros(())
+    else:
+        policy_loss = -masked_mean(advantage * policy_log_probs.mean(dim=-1), per_thought)
+
+    loss = base_loss_weight * nll_base + mixed_loss_weight * nll_mixed + policy_weight * policy_loss
+    return QuietStarLoss(
+        loss=loss,
+        nll_base=nll_base.detach(),
+        nll_mixed=nll_mixed.detach(),
+        policy_loss=policy_loss.detach(),
+        reward_mean=masked_mean(reward, per_thought),
+        rewards=torch.where(per_thought, reward, 0.0),
+    )

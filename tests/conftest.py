@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random base models of several architectures and a tiny word-level tokenizer."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+import quietstar
+
+WORDS = ["<pad>", "<unk>", "---"] + [f"w{i}" for i in range(61)]  # 64 tokens; the markers become 64 and 65
+TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=len(WORDS))
+
+# One of each architecture the core issue names; llama, qwen2 and gemma use GQA, qwen3 also has QK-norm.
+BASE_CONFIGS = {
+    "llama": lambda: LlamaConfig(**TINY, num_attention_heads=4, num_key_value_heads=2),
+    "mistral": lambda: MistralConfig(**TINY, num_attention_heads=4, num_key_value_heads=4, sliding_window=4096),
+    "qwen2": lambda: Qwen2Config(**{**TINY, "hidden_size": 48}, num_attention_heads=6, num_key_value_heads=2),
+    "qwen3": lambda: Qwen3Config(**TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "gemma": lambda: GemmaConfig(**TINY, num_attention_heads=4, num_key_value_heads=1, head_dim=8),
+}
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+
+
+def make_model(arch: str = "llama", seed: int = 0, **fields) -> tuple[quietstar.QuietStarForCausalLM, object]:
+    """A tiny random base of `arch` wrapped with `from_base`; float32, eval mode."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(BASE_CONFIGS[arch]())
+    defaults = dict(thought_length=3, n_thoughts=2, lookahead=3)
+    model, tokenizer = quietstar.QuietStarForCausalLM.from_base(base, make_tokenizer(), **{**defaults, **fields})
+    return model.eval(), tokenizer
+
+
+def random_text(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Ids of ordinary words (never a marker)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, len(WORDS), (batch, length), generator=generator)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
