@@ -38,6 +38,9 @@ from .thought_tokens import add_thought_tokens, initial_thought_embedding
 
 register_quietstar_attention()  # at import, so remote-code loading (trust_remote_code) registers it too
 
+# Passed by Trainer, PEFT or generation utilities out of habit; the Quiet-STaR forward has no use for them.
+IGNORED_FORWARD_KWARGS = {"return_dict", "use_cache", "output_attentions", "output_hidden_states"}
+
 
 @dataclass
 class QuietStarCausalLMOutput(ModelOutput):
@@ -156,9 +159,10 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(config, base_model=base)
         reference = base.get_input_embeddings().weight
         model.mixing_head.to(device=reference.device, dtype=reference.dtype)
+        model.thought_embeddings.data = model.thought_embeddings.data.to(reference)
         with torch.no_grad():
             start = initial_thought_embedding(tokenizer, base.get_input_embeddings()) / config.thought_embedding_scale
-            model.thought_embeddings.data = start.expand(2, -1).to(reference).clone()
+            model.thought_embeddings.copy_(start.expand(2, -1))
         return model, tokenizer
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -213,7 +217,12 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask: (B, L) 1 for tokens, 0 for (right) padding.
             labels: (B, L) targets as for any transformers causal LM (shifted inside; -100 ignored).
             thought_ids: (B, N, L, T) thoughts to use instead of sampling them (e.g. to re-score given thoughts).
+            kwargs: only the flags transformers' callers pass by habit (`return_dict`, `use_cache`,
+                `output_attentions`, `output_hidden_states`); they change nothing here. Anything else is an error.
         """
+        unexpected = sorted(set(kwargs) - IGNORED_FORWARD_KWARGS)
+        if unexpected:
+            raise TypeError(f"QuietStarForCausalLM.forward() got unexpected keyword arguments {unexpected}.")
         self._check_inputs(input_ids, attention_mask, labels, thought_ids)
         config = self.config
         lookahead = config.lookahead if labels is not None else 1  # without labels only x_{i+1} is predicted

@@ -108,3 +108,11 @@ def test_policy_training_with_a_single_thought():
     ids = random_text(1, 6)
     with pytest.raises(ValueError, match="n_thoughts >= 2"):
         model.train()(ids, labels=ids)
+
+
+def test_unknown_forward_arguments_are_not_silently_ignored():
+    model, _ = make_model()
+    ids = random_text(1, 6)
+    model(ids, return_dict=True, output_attentions=False)  # habitual flags from Trainer/PEFT are accepted
+    with pytest.raises(TypeError, match="past_key_values"):
+        model(ids, past_key_values=object())
