@@ -13,6 +13,8 @@ Dimensions:
     Sq query chain steps in this call, Sk own chain keys, D head dim, J text keys in a block.
 """
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -24,6 +26,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 ATTN_IMPLEMENTATION = "quietstar"
+BACKENDS = ("auto", "triton", "torch")
+BACKEND_ENV = "QUIETSTAR_THOUGHT_ATTENTION"  # overrides the config's `thought_attention_backend` when set
 
 # Positions per block in the reference: scores of one block are (B, N, Hq, BLOCK, Sq, <= L + Sk).
 POSITION_BLOCK = 128
@@ -127,6 +131,27 @@ def _check_shapes(q, k_base, v_base, k_own, v_own, step_offset: int) -> None:
         )
 
 
+def thought_attention_kernel(backend: str, device: torch.device) -> Callable[..., Tensor]:
+    """The thought-attention implementation to use: "triton" (fused kernels, `triton_kernels` package), "torch" (the
+    reference above) or "auto" (triton on CUDA tensors when importable, else torch). `$QUIETSTAR_THOUGHT_ATTENTION`
+    overrides `backend`, for debugging and benchmarks."""
+    backend = os.environ.get(BACKEND_ENV, backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown thought attention backend {backend!r}; choose one of {BACKENDS}.")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return thought_attention
+    try:  # optional: absent where only the saved model code is installed (trust_remote_code) or without triton
+        from triton_kernels import thought_attention as fused
+    except ImportError as error:
+        if backend == "triton":
+            raise ImportError(
+                "the triton thought attention backend needs the `triton_kernels` package (installed with quietstar) "
+                f"and triton: {error}"
+            ) from error
+        return thought_attention
+    return fused
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # transformers integration: one attention function serves the text pass (plain causal attention, recording K/V) and
 # the thought passes (thought attention over the recorded text K/V). The model passes a `ThoughtKV` as the
@@ -140,12 +165,14 @@ class ThoughtKV:
     `text` holds each layer's text K/V (B, Hkv, L, D), recorded by the text pass. `own` holds each layer's chain K/V
     buffer (B, N, Hkv, L, max_steps, D) for passes that generate chains step by step. `step_offset` is None in the text
     pass, else the chain step of the pass's first query; `streaming` says whether the pass appends to the chain
-    buffer (sampling) or carries whole chains from step 0 (teacher forcing).
+    buffer (sampling) or carries whole chains from step 0 (teacher forcing). `backend` picks the thought-attention
+    implementation (see `thought_attention_kernel`).
     """
 
     n_thoughts: int
     n_positions: int
     max_steps: int = 0
+    backend: str = "auto"
     step_offset: int | None = None
     streaming: bool = False
     text: dict[nn.Module, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -166,7 +193,8 @@ class ThoughtKV:
         v_new = rearrange(value, "b h (n l s) d -> b n h l s d", **layout)
         if self.streaming:
             k_new, v_new = self._append(module, k_new, v_new)
-        out = thought_attention(q, k_text, v_text, k_new, v_new, scale=scaling, step_offset=self.step_offset)
+        attend = thought_attention_kernel(self.backend, q.device)
+        out = attend(q, k_text, v_text, k_new, v_new, scale=scaling, step_offset=self.step_offset)
         return rearrange(out, "b n h l s d -> b (n l s) h d")
 
     def _append(self, module: nn.Module, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:

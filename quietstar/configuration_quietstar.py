@@ -48,6 +48,9 @@ class QuietStarConfig(PreTrainedConfig):
             Token id of `<|startofthought|>`; set by [`QuietStarForCausalLM.from_base`].
         end_thought_token_id (`int`, *optional*):
             Token id of `<|endofthought|>`; set by [`QuietStarForCausalLM.from_base`].
+        thought_attention_backend (`str`, *optional*, defaults to `"auto"`):
+            `"triton"` (fused kernels), `"torch"` (PyTorch reference) or `"auto"` (triton on CUDA, torch elsewhere).
+            The environment variable `QUIETSTAR_THOUGHT_ATTENTION` overrides it.
 
     Example:
 
@@ -76,6 +79,7 @@ class QuietStarConfig(PreTrainedConfig):
     mixer_hidden_size: int | None = None
     start_thought_token_id: int | None = None
     end_thought_token_id: int | None = None
+    thought_attention_backend: str = "auto"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -95,6 +99,10 @@ class QuietStarConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if not self.thought_embedding_scale > 0:
             raise ValueError(f"`thought_embedding_scale` must be > 0, got {self.thought_embedding_scale}.")
+        if self.thought_attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(
+                f"`thought_attention_backend` must be 'auto', 'triton' or 'torch', got {self.thought_attention_backend!r}."
+            )
 
     def validate_thought_token_ids(self):
         """Part of `@strict` validation: the two marker ids are either both unset or two distinct vocabulary ids."""

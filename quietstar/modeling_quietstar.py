@@ -258,7 +258,12 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     def text_pass(self, input_ids: Tensor, attention_mask: Tensor | None, chain_length: int) -> TextPass:
         """Step 1: the base model over the text (B, L), recording each layer's K/V for the thought passes."""
         batch, length = input_ids.shape
-        kv = ThoughtKV(n_thoughts=self.config.n_thoughts, n_positions=length, max_steps=chain_length)
+        kv = ThoughtKV(
+            n_thoughts=self.config.n_thoughts,
+            n_positions=length,
+            max_steps=chain_length,
+            backend=self.config.thought_attention_backend,
+        )
         position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         out = self.model(
             input_ids=input_ids,

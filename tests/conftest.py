@@ -4,8 +4,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels then run on CPU in the interpreter; set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,

@@ -1,0 +1,424 @@
+"""Fused Quiet-STaR thought attention in Triton: forward and backward.
+
+Same contract as the PyTorch reference `quietstar.attention.thought_attention` (imported here as
+`thought_attention_ref`): the query of chain step s (absolute step_offset + s) at position i attends to the text keys
+j <= i and to its own position's chain keys t <= step_offset + s, with one softmax over both.
+
+Layout. Each program owns BLOCK_M query rows of one (batch, thought, query head); a row is a flattened
+(position, step) pair, r = i * Sq + s. It runs one online softmax (flash-attention style, fp32 state) over
+    (a) text key tiles 0 .. max position of its rows (causal block skipping: later tiles are never visited), and
+    (b) the contiguous range of chain keys of the positions its rows cover, k_own[..., p_lo*Sk : (p_hi+1)*Sk], with
+        a block-diagonal mask (same position, t <= step).
+The text K/V are indexed through the query head's K/V head (GQA, no repeat) and shared by the N thoughts (no copy).
+The forward stores the log-sum-exp per row; the backward recomputes probabilities from it (no attention matrix is
+ever stored): one kernel for dQ, one for the text dK/dV (each text key block loops over the thoughts, query heads of
+its group and the rows that can see it, so no atomics), one for the chain dK/dV.
+
+Based on the structure of the Triton fused-attention tutorial (06-fused-attention.py): outer kernel, online-softmax
+inner loop, log2-domain exponentials, lse saved for the backward, dQ and dK/dV in separate kernels.
+
+Dimensions: B batch, N thoughts, Hq / Hkv query / key-value heads (GROUP = Hq / Hkv), L positions, Sq query steps,
+Sk own chain steps, D head dim (padded to a power of two >= 16 inside the kernels).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from quietstar.attention import _check_shapes
+from quietstar.attention import thought_attention as thought_attention_ref  # the reference this kernel must match
+
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(block_ms, block_ns, stages, warps):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w)
+        for m in block_ms
+        for n in block_ns
+        for s in stages
+        for w in warps
+    ]
+
+
+# Autotuning space: 128x64 / 128x128 tiles with 3-4 stages suit Hopper's larger shared memory; 64x64 with 2-3 stages
+# suits Ampere. Under pytest (and the CPU interpreter) one small pinned config keeps runs fast and reproducible.
+if INTERPRET or "PYTEST_VERSION" in os.environ:
+    FWD_CONFIGS = BWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_stages=1, num_warps=4)]
+else:
+    FWD_CONFIGS = _configs([64, 128], [32, 64, 128], [2, 3, 4], [4, 8])
+    BWD_CONFIGS = _configs([32, 64], [32, 64, 128], [2, 3], [4, 8])
+
+
+def _keep(config: triton.Config, head_dim: int) -> bool:
+    """Skip tiles that cannot fit in registers with large heads."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return not (head_dim >= 128 and block_m * block_n > 128 * 64)
+
+
+def _prune(configs, named_args, **kwargs):
+    kept = [c for c in configs if _keep(c, kwargs["HEAD_DIM"])]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _load_rows(PTR, rows, d, SQ, HEAD_DIM_REAL, N_ROWS, stride_l, stride_s, stride_d):
+    """Load (BLOCK_M, HEAD_DIM) of a (L, Sq, D) slab at flattened rows r = i * Sq + s; zeros outside."""
+    pos, step = rows // SQ, rows % SQ
+    ptrs = PTR + pos[:, None] * stride_l + step[:, None] * stride_s + d[None, :] * stride_d
+    return tl.load(ptrs, mask=(rows[:, None] < N_ROWS) & (d[None, :] < HEAD_DIM_REAL), other=0.0)
+
+
+@triton.jit
+def _load_keys(PTR, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_l, stride_s, stride_d):
+    """Load (BLOCK_N, HEAD_DIM) keys at flattened columns c = i * Sk + t (text keys: Sk = 1, stride_s unused)."""
+    ptrs = PTR + (cols // SK)[:, None] * stride_l + (cols % SK)[:, None] * stride_s + d[None, :] * stride_d
+    return tl.load(ptrs, mask=(cols[:, None] < N_COLS) & (d[None, :] < HEAD_DIM_REAL), other=0.0)
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # UPCAST only under the CPU interpreter, whose tl.dot mis-computes bf16 operands.
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _visible(rows, cols, SQ, SK, step_offset, OWN: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask. Text keys: j <= i. Own keys: same position and t <= step_offset + s."""
+    pos = rows // SQ
+    if OWN:
+        same_position = (cols // SK)[None, :] == pos[:, None]
+        return same_position & ((cols % SK)[None, :] <= (rows % SQ + step_offset)[:, None])
+    return cols[None, :] <= pos[:, None]
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, rows, d, K, V, lo, hi, N_COLS, SQ, SK, step_offset, qk_scale,
+               stride_kl, stride_ks, stride_kd, stride_vl, stride_vs, stride_vd, HEAD_DIM_REAL,
+               OWN: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k = _load_keys(K, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_kl, stride_ks, stride_kd)
+        v = _load_keys(V, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_vl, stride_vs, stride_vd)
+        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale  # log2 domain
+        s = tl.where(_visible(rows, cols, SQ, SK, step_offset, OWN) & (cols[None, :] < N_COLS), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["L", "SQ", "SK", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _thought_attn_fwd(
+    Q, K_TEXT, V_TEXT, K_OWN, V_OWN, O, LSE,
+    sqb, sqn, sqh, sql, sqs, sqd,
+    skb, skh, skl, skd, svb, svh, svl, svd,
+    sob, son, soh, sol, sos, sod,
+    sokb, sokn, sokh, sokl, soks, sokd, sovb, sovn, sovh, sovl, sovs, sovd,
+    N, HQ, L, SQ, SK, GROUP, step_offset, sm_scale, HEAD_DIM_REAL,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m, pid_bnh = tl.program_id(0), tl.program_id(1)
+    h, n, b = pid_bnh % HQ, (pid_bnh // HQ) % N, pid_bnh // (HQ * N)
+    hkv = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    q = _load_rows(Q + b * sqb + n * sqn + h * sqh, rows, d, SQ, HEAD_DIM_REAL, L * SQ, sql, sqs, sqd)
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    first_pos = (pid_m * BLOCK_M) // SQ
+    last_pos = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // SQ, L - 1)
+    # (a) text keys 0 .. last_pos: causal block skipping
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, rows, d, K_TEXT + b * skb + hkv * skh, V_TEXT + b * svb + hkv * svh,
+        0, last_pos + 1, L, SQ, 1, step_offset, qk_scale, skl, 0, skd, svl, 0, svd, HEAD_DIM_REAL,
+        False, BLOCK_N, UPCAST, PRECISION,
+    )
+    # (b) own chain keys of the positions first_pos .. last_pos (contiguous in the flattened (L, Sk) layout)
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, rows, d,
+        K_OWN + b * sokb + n * sokn + hkv * sokh, V_OWN + b * sovb + n * sovn + hkv * sovh,
+        first_pos * SK, (last_pos + 1) * SK, L * SK, SQ, SK, step_offset, qk_scale,
+        sokl, soks, sokd, sovl, sovs, sovd, HEAD_DIM_REAL, True, BLOCK_N, UPCAST, PRECISION,
+    )
+    out = acc / l_i[:, None]
+    pos, step = rows // SQ, rows % SQ
+    o_ptrs = O + b * sob + n * son + h * soh + pos[:, None] * sol + step[:, None] * sos + d[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < L * SQ) & (d[None, :] < HEAD_DIM_REAL))
+    lse = m_i / 1.4426950408889634 + tl.log(l_i)  # natural-log log-sum-exp of the scaled scores
+    tl.store(LSE + pid_bnh * L * SQ + rows, lse, mask=rows < L * SQ)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, rows, d, K, V, lo, hi, N_COLS, SQ, SK, step_offset, qk_scale,
+                  stride_kl, stride_ks, stride_kd, stride_vl, stride_vs, stride_vd, HEAD_DIM_REAL,
+                  OWN: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k = _load_keys(K, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_kl, stride_ks, stride_kd)
+        v = _load_keys(V, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_vl, stride_vs, stride_vd)
+        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+        visible = _visible(rows, cols, SQ, SK, step_offset, OWN) & (cols[None, :] < N_COLS)
+        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
+    return dq
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["L", "SQ", "SK", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _thought_attn_bwd_dq(
+    Q, K_TEXT, V_TEXT, K_OWN, V_OWN, DO, LSE, DELTA, DQ,
+    sqb, sqn, sqh, sql, sqs, sqd,
+    skb, skh, skl, skd, svb, svh, svl, svd,
+    sokb, sokn, sokh, sokl, soks, sokd, sovb, sovn, sovh, sovl, sovs, sovd,
+    N, HQ, L, SQ, SK, GROUP, step_offset, sm_scale, HEAD_DIM_REAL,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ for BLOCK_M rows of one (b, n, h). DO and DQ are contiguous (B, N, Hq, L, Sq, D)."""
+    pid_m, pid_bnh = tl.program_id(0), tl.program_id(1)
+    h, n, b = pid_bnh % HQ, (pid_bnh // HQ) % N, pid_bnh // (HQ * N)
+    hkv = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    q = _load_rows(Q + b * sqb + n * sqn + h * sqh, rows, d, SQ, HEAD_DIM_REAL, L * SQ, sql, sqs, sqd)
+    row_offset = pid_bnh * L * SQ * HEAD_DIM_REAL
+    do = _load_rows(DO + row_offset, rows, d, SQ, HEAD_DIM_REAL, L * SQ, SQ * HEAD_DIM_REAL, HEAD_DIM_REAL, 1)
+    lse2 = tl.load(LSE + pid_bnh * L * SQ + rows, mask=rows < L * SQ, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bnh * L * SQ + rows, mask=rows < L * SQ, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    first_pos = (pid_m * BLOCK_M) // SQ
+    last_pos = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // SQ, L - 1)
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, rows, d, K_TEXT + b * skb + hkv * skh, V_TEXT + b * svb + hkv * svh,
+        0, last_pos + 1, L, SQ, 1, step_offset, qk_scale, skl, 0, skd, svl, 0, svd, HEAD_DIM_REAL,
+        False, BLOCK_N, UPCAST, PRECISION,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, delta, rows, d,
+        K_OWN + b * sokb + n * sokn + hkv * sokh, V_OWN + b * sovb + n * sovn + hkv * sovh,
+        first_pos * SK, (last_pos + 1) * SK, L * SK, SQ, SK, step_offset, qk_scale,
+        sokl, soks, sokd, sovl, sovs, sovd, HEAD_DIM_REAL, True, BLOCK_N, UPCAST, PRECISION,
+    )
+    dq *= sm_scale
+    dq_ptrs = DQ + row_offset + rows[:, None] * HEAD_DIM_REAL + d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < L * SQ) & (d[None, :] < HEAD_DIM_REAL))
+
+
+@triton.jit
+def _bwd_kv_inner(dk, dv, k, v, cols, d, Q, DO, LSE, DELTA, row_lo, row_hi, N_COLS, SQ, SK, L, step_offset,
+                  qk_scale, sql, sqs, sqd, HEAD_DIM_REAL,
+                  OWN: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query rows row_lo .. row_hi of one (b, n, h)."""
+    for start in range(row_lo, row_hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q, rows, d, SQ, HEAD_DIM_REAL, L * SQ, sql, sqs, sqd)
+        do = _load_rows(DO, rows, d, SQ, HEAD_DIM_REAL, L * SQ, SQ * HEAD_DIM_REAL, HEAD_DIM_REAL, 1)
+        lse2 = tl.load(LSE + rows, mask=rows < L * SQ, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + rows, mask=rows < L * SQ, other=0.0)
+        s_t = _dot(k, tl.trans(q), UPCAST, PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        visible = tl.trans(_visible(rows, cols, SQ, SK, step_offset, OWN))
+        visible = visible & (rows[None, :] < L * SQ) & (cols[:, None] < N_COLS)
+        p_t = tl.where(visible, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+        dv += _dot(p_t.to(do.dtype), do, UPCAST, PRECISION)
+        dp_t = _dot(v, tl.trans(do), UPCAST, PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, UPCAST, PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["L", "SQ", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _thought_attn_bwd_dkdv_text(
+    Q, K_TEXT, V_TEXT, DO, LSE, DELTA, DK, DV,
+    sqb, sqn, sqh, sql, sqs, sqd,
+    skb, skh, skl, skd, svb, svh, svl, svd,
+    N, HQ, HKV, L, SQ, GROUP, step_offset, sm_scale, HEAD_DIM_REAL,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of BLOCK_N text keys of one (b, hkv): sums over the N thoughts, the GROUP query heads sharing the K/V
+    head and every row whose position can see the keys (positions >= first key). DK/DV: contiguous (B, Hkv, L, D)."""
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    hkv, b = pid_bh % HKV, pid_bh // HKV
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    k = _load_keys(K_TEXT + b * skb + hkv * skh, cols, d, 1, HEAD_DIM_REAL, L, skl, 0, skd)
+    v = _load_keys(V_TEXT + b * svb + hkv * svh, cols, d, 1, HEAD_DIM_REAL, L, svl, 0, svd)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    row_lo = (pid_n * BLOCK_N) * SQ  # causal: rows of earlier positions never see these keys
+    for n in range(0, N):
+        for g in range(0, GROUP):
+            bnh = (b * N + n) * HQ + hkv * GROUP + g
+            dk, dv = _bwd_kv_inner(
+                dk, dv, k, v, cols, d, Q + b * sqb + n * sqn + (hkv * GROUP + g) * sqh,
+                DO + bnh * L * SQ * HEAD_DIM_REAL, LSE + bnh * L * SQ, DELTA + bnh * L * SQ,
+                row_lo, L * SQ, L, SQ, 1, L, step_offset, qk_scale, sql, sqs, sqd, HEAD_DIM_REAL,
+                False, BLOCK_M, UPCAST, PRECISION,
+            )
+    dk *= sm_scale
+    ptrs = pid_bh * L * HEAD_DIM_REAL + cols[:, None] * HEAD_DIM_REAL + d[None, :]
+    mask = (cols[:, None] < L) & (d[None, :] < HEAD_DIM_REAL)
+    tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["L", "SQ", "SK", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _thought_attn_bwd_dkdv_own(
+    Q, K_OWN, V_OWN, DO, LSE, DELTA, DK, DV,
+    sqb, sqn, sqh, sql, sqs, sqd,
+    sokb, sokn, sokh, sokl, soks, sokd, sovb, sovn, sovh, sovl, sovs, sovd,
+    N, HQ, HKV, L, SQ, SK, GROUP, step_offset, sm_scale, HEAD_DIM_REAL,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of BLOCK_N own chain keys (flattened c = i * Sk + t) of one (b, n, hkv): only rows of the same positions
+    see them. DK/DV: contiguous (B, N, Hkv, L, Sk, D)."""
+    pid_c, pid_bnh = tl.program_id(0), tl.program_id(1)
+    hkv, n, b = pid_bnh % HKV, (pid_bnh // HKV) % N, pid_bnh // (HKV * N)
+    cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    k = _load_keys(K_OWN + b * sokb + n * sokn + hkv * sokh, cols, d, SK, HEAD_DIM_REAL, L * SK, sokl, soks, sokd)
+    v = _load_keys(V_OWN + b * sovb + n * sovn + hkv * sovh, cols, d, SK, HEAD_DIM_REAL, L * SK, sovl, sovs, sovd)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    first_pos = (pid_c * BLOCK_N) // SK
+    last_pos = tl.minimum((pid_c * BLOCK_N + BLOCK_N - 1) // SK, L - 1)
+    for g in range(0, GROUP):
+        bnh = (b * N + n) * HQ + hkv * GROUP + g
+        dk, dv = _bwd_kv_inner(
+            dk, dv, k, v, cols, d, Q + b * sqb + n * sqn + (hkv * GROUP + g) * sqh,
+            DO + bnh * L * SQ * HEAD_DIM_REAL, LSE + bnh * L * SQ, DELTA + bnh * L * SQ,
+            first_pos * SQ, (last_pos + 1) * SQ, L * SK, SQ, SK, L, step_offset, qk_scale, sql, sqs, sqd,
+            HEAD_DIM_REAL, True, BLOCK_M, UPCAST, PRECISION,
+        )
+    dk *= sm_scale
+    ptrs = pid_bnh * L * SK * HEAD_DIM_REAL + cols[:, None] * HEAD_DIM_REAL + d[None, :]
+    mask = (cols[:, None] < L * SK) & (d[None, :] < HEAD_DIM_REAL)
+    tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# host side
+
+
+def _launch_settings(q: Tensor) -> dict:
+    head_dim = q.shape[-1]
+    return dict(
+        HEAD_DIM_REAL=head_dim,
+        HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: no TF32 rounding
+    )
+
+
+def _forward(q, k_text, v_text, k_own, v_own, scale, step_offset):
+    batch, n_thoughts, n_heads, length, n_steps, _ = q.shape
+    n_kv_heads, n_own = k_text.shape[1], k_own.shape[4]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch * n_thoughts * n_heads, length * n_steps, dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(length * n_steps, meta["BLOCK_M"]), batch * n_thoughts * n_heads)
+    _thought_attn_fwd[grid](
+        q, k_text, v_text, k_own, v_own, out, lse,
+        *q.stride(), *k_text.stride(), *v_text.stride(), *out.stride(), *k_own.stride(), *v_own.stride(),
+        n_thoughts, n_heads, length, n_steps, n_own, n_heads // n_kv_heads, step_offset, scale,
+        **_launch_settings(q),
+    )
+    return out, lse
+
+
+def _backward(grad_out, q, k_text, v_text, k_own, v_own, out, lse, scale, step_offset):
+    batch, n_thoughts, n_heads, length, n_steps, _ = q.shape
+    n_kv_heads, n_own = k_text.shape[1], k_own.shape[4]
+    group = n_heads // n_kv_heads
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1).reshape(lse.shape)  # rowsum(dO * O), as in flash-attention
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk_text, dv_text = torch.empty(2, *k_text.shape, dtype=k_text.dtype, device=q.device).unbind(0)
+    dk_own, dv_own = torch.empty(2, *k_own.shape, dtype=k_own.dtype, device=q.device).unbind(0)
+    settings = _launch_settings(q)
+    grid = lambda meta: (triton.cdiv(length * n_steps, meta["BLOCK_M"]), batch * n_thoughts * n_heads)
+    _thought_attn_bwd_dq[grid](
+        q, k_text, v_text, k_own, v_own, grad_out, lse, delta, dq,
+        *q.stride(), *k_text.stride(), *v_text.stride(), *k_own.stride(), *v_own.stride(),
+        n_thoughts, n_heads, length, n_steps, n_own, group, step_offset, scale, **settings,
+    )
+    grid = lambda meta: (triton.cdiv(length, meta["BLOCK_N"]), batch * n_kv_heads)
+    _thought_attn_bwd_dkdv_text[grid](
+        q, k_text, v_text, grad_out, lse, delta, dk_text, dv_text,
+        *q.stride(), *k_text.stride(), *v_text.stride(),
+        n_thoughts, n_heads, n_kv_heads, length, n_steps, group, step_offset, scale, **settings,
+    )
+    grid = lambda meta: (triton.cdiv(length * n_own, meta["BLOCK_N"]), batch * n_thoughts * n_kv_heads)
+    _thought_attn_bwd_dkdv_own[grid](
+        q, k_own, v_own, grad_out, lse, delta, dk_own, dv_own,
+        *q.stride(), *k_own.stride(), *v_own.stride(),
+        n_thoughts, n_heads, n_kv_heads, length, n_steps, n_own, group, step_offset, scale, **settings,
+    )
+    return dq, dk_text, dv_text, dk_own, dv_own
+
+
+class ThoughtAttentionFunction(torch.autograd.Function):
+    """Saves q, k, v, the output and the per-row log-sum-exp; the backward recomputes the probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k_text, v_text, k_own, v_own, scale, step_offset):
+        out, lse = _forward(q, k_text, v_text, k_own, v_own, scale, step_offset)
+        ctx.save_for_backward(q, k_text, v_text, k_own, v_own, out, lse)
+        ctx.scale, ctx.step_offset = scale, step_offset
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = _backward(grad_out, *ctx.saved_tensors, ctx.scale, ctx.step_offset)
+        return *grads, None, None
+
+
+def thought_attention(
+    q: Tensor,
+    k_base: Tensor,
+    v_base: Tensor,
+    k_own: Tensor,
+    v_own: Tensor,
+    *,
+    scale: float | None = None,
+    step_offset: int = 0,
+) -> Tensor:
+    """Fused thought attention; same signature, shapes and semantics as `quietstar.thought_attention`.
+
+    q (B, N, Hq, L, Sq, D); k_base, v_base (B, Hkv, L, D); k_own, v_own (B, N, Hkv, L, Sk, D) -> (B, N, Hq, L, Sq, D).
+    fp16 / bf16 / fp32 inputs (all the same dtype), fp32 accumulation. CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1 (slow; for tests).
+    """
+    _check_shapes(q, k_base, v_base, k_own, v_own, step_offset)
+    if len({t.dtype for t in (q, k_base, v_base, k_own, v_own)}) != 1:
+        raise ValueError("thought_attention (triton): q, k and v must share one dtype.")
+    if not (q.is_cuda or INTERPRET):
+        raise ValueError("thought_attention (triton) needs CUDA tensors (or TRITON_INTERPRET=1 on CPU).")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return ThoughtAttentionFunction.apply(q, k_base, v_base, k_own, v_own, scale, step_offset)
+
+
+__all__ = ["thought_attention", "thought_attention_ref", "ThoughtAttentionFunction"]
