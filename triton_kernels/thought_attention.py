@@ -129,7 +129,8 @@ def _thought_attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m, pid_bnh = tl.program_id(0), tl.program_id(1)
+    # Late rows see the most text keys: launch them first so the heaviest programs do not form the tail.
+    pid_m, pid_bnh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     h, n, b = pid_bnh % HQ, (pid_bnh // HQ) % N, pid_bnh // (HQ * N)
     hkv = h // GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -192,7 +193,8 @@ def _thought_attn_bwd_dq(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ for BLOCK_M rows of one (b, n, h). DO and DQ are contiguous (B, N, Hq, L, Sq, D)."""
-    pid_m, pid_bnh = tl.program_id(0), tl.program_id(1)
+    # Late rows see the most text keys: launch them first so the heaviest programs do not form the tail.
+    pid_m, pid_bnh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     h, n, b = pid_bnh % HQ, (pid_bnh // HQ) % N, pid_bnh // (HQ * N)
     hkv = h // GROUP
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
