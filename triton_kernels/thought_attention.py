@@ -31,7 +31,7 @@ from torch import Tensor
 from quietstar.attention import _check_shapes
 from quietstar.attention import thought_attention as thought_attention_ref  # the reference this kernel must match
 
-LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -78,6 +78,18 @@ def _load_keys(PTR, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_l, stride_s, stri
     """Load (BLOCK_N, HEAD_DIM) keys at flattened columns c = i * Sk + t (text keys: Sk = 1, stride_s unused)."""
     ptrs = PTR + (cols // SK)[:, None] * stride_l + (cols % SK)[:, None] * stride_s + d[None, :] * stride_d
     return tl.load(ptrs, mask=(cols[:, None] < N_COLS) & (d[None, :] < HEAD_DIM_REAL), other=0.0)
+
+
+@triton.jit
+def _row_block(N, HQ, L, SQ, GROUP, BLOCK_M: tl.constexpr):
+    """This program's BLOCK_M query rows of one (b, n, h): (b, n, h, hkv, rows, first_pos, last_pos).
+    Late rows see the most text keys, so they are launched first and the heaviest programs do not form the tail."""
+    pid_m, pid_bnh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets
+    h, n, b = pid_bnh % HQ, (pid_bnh // HQ) % N, pid_bnh // (HQ * N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_pos = (pid_m * BLOCK_M) // SQ
+    last_pos = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // SQ, L - 1)
+    return b, n, h, h // GROUP, rows, first_pos, last_pos
 
 
 @triton.jit
@@ -129,20 +141,13 @@ def _thought_attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Late rows see the most text keys: launch them first so the heaviest programs do not form the tail.
-    pid_m, pid_bnh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
-    h, n, b = pid_bnh % HQ, (pid_bnh // HQ) % N, pid_bnh // (HQ * N)
-    hkv = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, n, h, hkv, rows, first_pos, last_pos = _row_block(N, HQ, L, SQ, GROUP, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
     q = _load_rows(Q + b * sqb + n * sqn + h * sqh, rows, d, SQ, HEAD_DIM_REAL, L * SQ, sql, sqs, sqd)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    first_pos = (pid_m * BLOCK_M) // SQ
-    last_pos = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // SQ, L - 1)
     # (a) text keys 0 .. last_pos: causal block skipping
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, rows, d, K_TEXT + b * skb + hkv * skh, V_TEXT + b * svb + hkv * svh,
@@ -160,8 +165,8 @@ def _thought_attn_fwd(
     pos, step = rows // SQ, rows % SQ
     o_ptrs = O + b * sob + n * son + h * soh + pos[:, None] * sol + step[:, None] * sos + d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < L * SQ) & (d[None, :] < HEAD_DIM_REAL))
-    lse = m_i / 1.4426950408889634 + tl.log(l_i)  # natural-log log-sum-exp of the scaled scores
-    tl.store(LSE + pid_bnh * L * SQ + rows, lse, mask=rows < L * SQ)
+    lse = m_i / LOG2E + tl.log(l_i)  # natural-log log-sum-exp of the scaled scores
+    tl.store(LSE + ((b * N + n) * HQ + h) * L * SQ + rows, lse, mask=rows < L * SQ)
 
 
 @triton.jit
@@ -193,21 +198,16 @@ def _thought_attn_bwd_dq(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ for BLOCK_M rows of one (b, n, h). DO and DQ are contiguous (B, N, Hq, L, Sq, D)."""
-    # Late rows see the most text keys: launch them first so the heaviest programs do not form the tail.
-    pid_m, pid_bnh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
-    h, n, b = pid_bnh % HQ, (pid_bnh // HQ) % N, pid_bnh // (HQ * N)
-    hkv = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, n, h, hkv, rows, first_pos, last_pos = _row_block(N, HQ, L, SQ, GROUP, BLOCK_M)
+    bnh = (b * N + n) * HQ + h
     d = tl.arange(0, HEAD_DIM)
     q = _load_rows(Q + b * sqb + n * sqn + h * sqh, rows, d, SQ, HEAD_DIM_REAL, L * SQ, sql, sqs, sqd)
-    row_offset = pid_bnh * L * SQ * HEAD_DIM_REAL
+    row_offset = bnh * L * SQ * HEAD_DIM_REAL
     do = _load_rows(DO + row_offset, rows, d, SQ, HEAD_DIM_REAL, L * SQ, SQ * HEAD_DIM_REAL, HEAD_DIM_REAL, 1)
-    lse2 = tl.load(LSE + pid_bnh * L * SQ + rows, mask=rows < L * SQ, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + pid_bnh * L * SQ + rows, mask=rows < L * SQ, other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
+    lse2 = tl.load(LSE + bnh * L * SQ + rows, mask=rows < L * SQ, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bnh * L * SQ + rows, mask=rows < L * SQ, other=0.0)
+    qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    first_pos = (pid_m * BLOCK_M) // SQ
-    last_pos = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // SQ, L - 1)
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, rows, d, K_TEXT + b * skb + hkv * skh, V_TEXT + b * svb + hkv * svh,
         0, last_pos + 1, L, SQ, 1, step_offset, qk_scale, skl, 0, skd, svl, 0, svd, HEAD_DIM_REAL,
@@ -233,7 +233,7 @@ def _bwd_kv_inner(dk, dv, k, v, cols, d, Q, DO, LSE, DELTA, row_lo, row_hi, N_CO
         rows = start + tl.arange(0, BLOCK_M)
         q = _load_rows(Q, rows, d, SQ, HEAD_DIM_REAL, L * SQ, sql, sqs, sqd)
         do = _load_rows(DO, rows, d, SQ, HEAD_DIM_REAL, L * SQ, SQ * HEAD_DIM_REAL, HEAD_DIM_REAL, 1)
-        lse2 = tl.load(LSE + rows, mask=rows < L * SQ, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + rows, mask=rows < L * SQ, other=0.0) * LOG2E
         delta = tl.load(DELTA + rows, mask=rows < L * SQ, other=0.0)
         s_t = _dot(k, tl.trans(q), UPCAST, PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         visible = tl.trans(_visible(rows, cols, SQ, SK, step_offset, OWN))
@@ -258,7 +258,7 @@ def _thought_attn_bwd_dkdv_text(
 ):
     """dK, dV of BLOCK_N text keys of one (b, hkv): sums over the N thoughts, the GROUP query heads sharing the K/V
     head and every row whose position can see the keys (positions >= first key). DK/DV: contiguous (B, Hkv, L, D)."""
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: batch offsets can exceed 2**31
     hkv, b = pid_bh % HKV, pid_bh // HKV
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
@@ -266,7 +266,7 @@ def _thought_attn_bwd_dkdv_text(
     v = _load_keys(V_TEXT + b * svb + hkv * svh, cols, d, 1, HEAD_DIM_REAL, L, svl, 0, svd)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     row_lo = (pid_n * BLOCK_N) * SQ  # causal: rows of earlier positions never see these keys
     for n in range(0, N):
         for g in range(0, GROUP):
@@ -296,7 +296,7 @@ def _thought_attn_bwd_dkdv_own(
 ):
     """dK, dV of BLOCK_N own chain keys (flattened c = i * Sk + t) of one (b, n, hkv): only rows of the same positions
     see them. DK/DV: contiguous (B, N, Hkv, L, Sk, D)."""
-    pid_c, pid_bnh = tl.program_id(0), tl.program_id(1)
+    pid_c, pid_bnh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: batch offsets can exceed 2**31
     hkv, n, b = pid_bnh % HKV, (pid_bnh // HKV) % N, pid_bnh // (HKV * N)
     cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
@@ -304,7 +304,7 @@ def _thought_attn_bwd_dkdv_own(
     v = _load_keys(V_OWN + b * sovb + n * sovn + hkv * sovh, cols, d, SK, HEAD_DIM_REAL, L * SK, sovl, sovs, sovd)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     first_pos = (pid_c * BLOCK_N) // SK
     last_pos = tl.minimum((pid_c * BLOCK_N + BLOCK_N - 1) // SK, L - 1)
     for g in range(0, GROUP):
