@@ -101,13 +101,16 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, cols, SQ, SK, step_offset, OWN: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) mask. Text keys: j <= i. Own keys: same position and t <= step_offset + s."""
+def _visible(rows, cols, SQ, SK, N_COLS, step_offset, OWN: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask. Text keys: j <= i. Own keys: same position and t <= step_offset + s.
+    Columns past the N_COLS keys are never visible."""
     pos = rows // SQ
     if OWN:
         same_position = (cols // SK)[None, :] == pos[:, None]
-        return same_position & ((cols % SK)[None, :] <= (rows % SQ + step_offset)[:, None])
-    return cols[None, :] <= pos[:, None]
+        visible = same_position & ((cols % SK)[None, :] <= (rows % SQ + step_offset)[:, None])
+    else:
+        visible = cols[None, :] <= pos[:, None]
+    return visible & (cols[None, :] < N_COLS)
 
 
 @triton.jit
@@ -119,7 +122,7 @@ def _fwd_inner(acc, m_i, l_i, q, rows, d, K, V, lo, hi, N_COLS, SQ, SK, step_off
         k = _load_keys(K, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_kl, stride_ks, stride_kd)
         v = _load_keys(V, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_vl, stride_vs, stride_vd)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale  # log2 domain
-        s = tl.where(_visible(rows, cols, SQ, SK, step_offset, OWN) & (cols[None, :] < N_COLS), s, float("-inf"))
+        s = tl.where(_visible(rows, cols, SQ, SK, N_COLS, step_offset, OWN), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -178,7 +181,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, rows, d, K, V, lo, hi, N_COLS, SQ, SK,
         k = _load_keys(K, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_kl, stride_ks, stride_kd)
         v = _load_keys(V, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_vl, stride_vs, stride_vd)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
-        visible = _visible(rows, cols, SQ, SK, step_offset, OWN) & (cols[None, :] < N_COLS)
+        visible = _visible(rows, cols, SQ, SK, N_COLS, step_offset, OWN)
         p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         ds = p * (dp - delta[:, None])
@@ -236,8 +239,7 @@ def _bwd_kv_inner(dk, dv, k, v, cols, d, Q, DO, LSE, DELTA, row_lo, row_hi, N_CO
         lse2 = tl.load(LSE + rows, mask=rows < L * SQ, other=0.0) * LOG2E
         delta = tl.load(DELTA + rows, mask=rows < L * SQ, other=0.0)
         s_t = _dot(k, tl.trans(q), UPCAST, PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        visible = tl.trans(_visible(rows, cols, SQ, SK, step_offset, OWN))
-        visible = visible & (rows[None, :] < L * SQ) & (cols[:, None] < N_COLS)
+        visible = tl.trans(_visible(rows, cols, SQ, SK, N_COLS, step_offset, OWN)) & (rows[None, :] < L * SQ)
         p_t = tl.where(visible, tl.math.exp2(s_t - lse2[None, :]), 0.0)
         dv += _dot(p_t.to(do.dtype), do, UPCAST, PRECISION)
         dp_t = _dot(v, tl.trans(do), UPCAST, PRECISION)
