@@ -165,14 +165,14 @@ class ThoughtKV:
     `text` holds each layer's text K/V (B, Hkv, L, D), recorded by the text pass. `own` holds each layer's chain K/V
     buffer (B, N, Hkv, L, max_steps, D) for passes that generate chains step by step. `step_offset` is None in the text
     pass, else the chain step of the pass's first query; `streaming` says whether the pass appends to the chain
-    buffer (sampling) or carries whole chains from step 0 (teacher forcing). `backend` picks the thought-attention
-    implementation (see `thought_attention_kernel`).
+    buffer (sampling) or carries whole chains from step 0 (teacher forcing). `kernel` is the thought-attention
+    implementation, resolved once per forward by `thought_attention_kernel`.
     """
 
     n_thoughts: int
     n_positions: int
     max_steps: int = 0
-    backend: str = "auto"
+    kernel: Callable[..., Tensor] = thought_attention
     step_offset: int | None = None
     streaming: bool = False
     text: dict[nn.Module, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -193,8 +193,7 @@ class ThoughtKV:
         v_new = rearrange(value, "b h (n l s) d -> b n h l s d", **layout)
         if self.streaming:
             k_new, v_new = self._append(module, k_new, v_new)
-        attend = thought_attention_kernel(self.backend, q.device)
-        out = attend(q, k_text, v_text, k_new, v_new, scale=scaling, step_offset=self.step_offset)
+        out = self.kernel(q, k_text, v_text, k_new, v_new, scale=scaling, step_offset=self.step_offset)
         return rearrange(out, "b n h l s d -> b (n l s) h d")
 
     def _append(self, module: nn.Module, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from .attention import BACKENDS
+
 
 @strict
 class QuietStarConfig(PreTrainedConfig):
@@ -99,10 +101,8 @@ class QuietStarConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if not self.thought_embedding_scale > 0:
             raise ValueError(f"`thought_embedding_scale` must be > 0, got {self.thought_embedding_scale}.")
-        if self.thought_attention_backend not in ("auto", "triton", "torch"):
-            raise ValueError(
-                f"`thought_attention_backend` must be 'auto', 'triton' or 'torch', got {self.thought_attention_backend!r}."
-            )
+        if self.thought_attention_backend not in BACKENDS:
+            raise ValueError(f"`thought_attention_backend` must be one of {BACKENDS}, got {self.thought_attention_backend!r}.")
 
     def validate_thought_token_ids(self):
         """Part of `@strict` validation: the two marker ids are either both unset or two distinct vocabulary ids."""

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, P
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .attention import ATTN_IMPLEMENTATION, ThoughtKV, register_quietstar_attention
+from .attention import ATTN_IMPLEMENTATION, ThoughtKV, register_quietstar_attention, thought_attention_kernel
 from .configuration_quietstar import QuietStarConfig
 from .mixing import INITIAL_MIXING_LOGIT, MixingHead, MixingLogit, mix_logits
 from .objective import quietstar_loss
@@ -262,7 +262,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             n_thoughts=self.config.n_thoughts,
             n_positions=length,
             max_steps=chain_length,
-            backend=self.config.thought_attention_backend,
+            kernel=thought_attention_kernel(self.config.thought_attention_backend, input_ids.device),
         )
         position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         out = self.model(
