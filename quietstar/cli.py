@@ -1,0 +1,46 @@
+"""The `quietstar` console command. Each subcommand lives beside the code it drives and registers itself here.
+
+    quietstar convert [GGUF_FILE] [--output-dir DIR]   GGUF -> safetensors (default: the embedded SmolLM2-135M)
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_convert_command(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "convert",
+        help="convert a GGUF causal LM (default: the embedded SmolLM2-135M-Instruct) to a safetensors model directory",
+    )
+    parser.add_argument("gguf_file", nargs="?", type=Path, help="a .gguf file; omitted = the embedded default model")
+    parser.add_argument("--output-dir", type=Path, help="where to write (default: the quietstar cache directory)")
+    parser.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .default_base import convert_gguf, default_base_path, default_gguf_file
+
+    if args.gguf_file is None and args.output_dir is None:
+        path = default_base_path()
+    else:
+        gguf_file = args.gguf_file or default_gguf_file()
+        path = convert_gguf(gguf_file, args.output_dir or gguf_file.with_suffix(""))
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quietstar", description="Quiet-STaR for Hugging Face causal LMs.")
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    add_convert_command(subcommands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""The `quietstar` console command: parsing, and `convert` on a GGUF file written here (no download)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from quietstar.cli import build_parser, main
+
+
+def test_unknown_subcommand_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fly"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_convert_reports_a_missing_gguf_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        main(["convert", str(tmp_path / "absent.gguf"), "--output-dir", str(tmp_path / "out")])
+
+
+def test_cli_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "quietstar.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "convert" in result.stdout
