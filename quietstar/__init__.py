@@ -6,9 +6,11 @@ Importing the package registers the "quietstar" model type with AutoConfig / Aut
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .adaptive import GateCalibration, calibrate_think_gate
 from .attention import thought_attention
 from .configuration_quietstar import QuietStarConfig
 from .modeling_quietstar import QuietStarCausalLMOutput, QuietStarForCausalLM
+from .thinking import ThoughtStep, ThoughtTrace
 from .thought_tokens import END_THOUGHT, START_THOUGHT, add_thought_tokens, thought_token_ids
 
 AutoConfig.register(QuietStarConfig.model_type, QuietStarConfig, exist_ok=True)
@@ -23,6 +25,10 @@ __all__ = [
     "QuietStarForCausalLM",
     "QuietStarCausalLMOutput",
     "thought_attention",
+    "ThoughtTrace",
+    "ThoughtStep",
+    "calibrate_think_gate",
+    "GateCalibration",
     "add_thought_tokens",
     "thought_token_ids",
     "START_THOUGHT",

@@ -53,6 +53,12 @@ class QuietStarConfig(PreTrainedConfig):
         thought_attention_backend (`str`, *optional*, defaults to `"auto"`):
             `"triton"` (fused kernels), `"torch"` (PyTorch reference) or `"auto"` (triton on CUDA, torch elsewhere).
             The environment variable `QUIETSTAR_THOUGHT_ATTENTION` overrides it.
+        generation_thought_temperature (`float`, *optional*, defaults to 0.0):
+            Temperature of the thoughts written during `generate()` (0 = greedy, deterministic). A `generate` keyword
+            `thought_temperature=` overrides it per call.
+        think_threshold (`float`, *optional*):
+            Adaptive thinking: during `generate()`, think only where the think gate predicts a log-likelihood gain
+            >= this value (nats). None = think at every token. Set by `quietstar.calibrate_think_gate`.
 
     Example:
 
@@ -82,6 +88,8 @@ class QuietStarConfig(PreTrainedConfig):
     start_thought_token_id: int | None = None
     end_thought_token_id: int | None = None
     thought_attention_backend: str = "auto"
+    generation_thought_temperature: float | int = 0.0
+    think_threshold: float | int | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -96,7 +104,8 @@ class QuietStarConfig(PreTrainedConfig):
         for name in ("thought_length", "n_thoughts", "lookahead", "mixer_hidden_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
-        for name in ("thought_temperature", "policy_weight", "base_loss_weight", "mixed_loss_weight"):
+        for name in ("thought_temperature", "generation_thought_temperature", "policy_weight", "base_loss_weight",
+                     "mixed_loss_weight"):
             if not getattr(self, name) >= 0:  # also rejects NaN
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if not self.thought_embedding_scale > 0:

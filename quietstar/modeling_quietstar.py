@@ -11,6 +11,9 @@ the next tokens from a mix of the base prediction and the post-thought one. `for
     4. mixing head      w from (base hidden, post-thought hidden); logits_mixed = (1 - w) base + w thought.
     5. objective        (labels given) base NLL + mixed NLL + REINFORCE (see objective.py).
 
+With a KV cache (`generate()`), forward is instead one decoding step that thinks at the newest position only and
+crops the thought out of the cache again (see thinking.py).
+
 Chain step s of position i sits at position id i + 1 + s, exactly where it would be in the explicit sequence
 x_0 .. x_i SoT t_1 .. t_T EoT x_{i+1} ..: the thought passes equal the plain model run on that sequence.
 
@@ -27,19 +30,22 @@ from einops import rearrange
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from .adaptive import ThinkGate
 from .attention import ATTN_IMPLEMENTATION, ThoughtKV, register_quietstar_attention, thought_attention_kernel
 from .configuration_quietstar import QuietStarConfig
 from .mixing import INITIAL_MIXING_LOGIT, MixingHead, MixingLogit, mix_logits
 from .objective import quietstar_loss
 from .sampling import sample_thought_tokens, thought_log_probs
+from .thinking import ThoughtTrace, think_next_token
 from .thought_tokens import add_thought_tokens, initial_thought_embedding
 
 register_quietstar_attention()  # at import, so remote-code loading (trust_remote_code) registers it too
 
 # Passed by Trainer, PEFT or generation utilities out of habit; the Quiet-STaR forward has no use for them.
-IGNORED_FORWARD_KWARGS = {"return_dict", "use_cache", "output_attentions", "output_hidden_states"}
+IGNORED_FORWARD_KWARGS = {"return_dict", "use_cache", "output_attentions"}
 
 
 @dataclass
@@ -55,6 +61,8 @@ class QuietStarCausalLMOutput(ModelOutput):
         nll_base, nll_mixed, policy_loss, reward_mean: the loss parts, detached, for logging.
         rewards: (B, N, L) each thought's reward (log-likelihood gain over the base on the A lookahead tokens);
             0 where the position has no complete lookahead.
+        past_key_values: the KV cache in a generation step (thought-free: prompt + generated text only).
+        hidden_states: the base (text) pass's hidden states per layer, each (B, L, H), with `output_hidden_states`.
     """
 
     loss: Tensor | None = None
@@ -67,17 +75,24 @@ class QuietStarCausalLMOutput(ModelOutput):
     policy_loss: Tensor | None = None
     reward_mean: Tensor | None = None
     rewards: Tensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
 
 
 @dataclass
 class TextPass:
-    """The base model over the text. logits (B, L, V), hidden (B, L, H) final-layer states, kv: recorded K/V."""
+    """The base model over the text. logits (B, L, V), hidden_states per layer (B, L, H), kv: recorded K/V."""
 
     input_ids: Tensor
     position_ids: Tensor
     logits: Tensor
-    hidden: Tensor
+    hidden_states: tuple[Tensor, ...]
     kv: ThoughtKV
+
+    @property
+    def hidden(self) -> Tensor:
+        """(B, L, H) final-layer states."""
+        return self.hidden_states[-1]
 
 
 @dataclass
@@ -119,6 +134,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         # Rows: start, end. Stored divided by `thought_embedding_scale` (see `marker_embeddings`).
         self.thought_embeddings = nn.Parameter(torch.empty(2, hidden_size))
         self.mixing_head = MixingHead(hidden_size, config.mixer_hidden_size)
+        self.think_gate = ThinkGate(hidden_size)  # adaptive thinking in generate(); see adaptive.py
         self.post_init()
 
     # ---- construction --------------------------------------------------------------------------------------------
@@ -159,6 +175,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(config, base_model=base)
         reference = base.get_input_embeddings().weight
         model.mixing_head.to(device=reference.device, dtype=reference.dtype)
+        model.think_gate.to(device=reference.device, dtype=reference.dtype)
         model.thought_embeddings.data = model.thought_embeddings.data.to(reference)
         with torch.no_grad():
             start = initial_thought_embedding(tokenizer, base.get_input_embeddings()) / config.thought_embedding_scale
@@ -170,6 +187,9 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, MixingLogit):
             init.zeros_(module.weight)
             init.constant_(module.bias, INITIAL_MIXING_LOGIT)
+        elif isinstance(module, ThinkGate):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
         elif module is self:
             std = getattr(self.config.text_config, "initializer_range", 0.02)
             init.normal_(self.thought_embeddings, std=std / self.config.thought_embedding_scale)
@@ -208,6 +228,12 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         thought_ids: Tensor | None = None,
+        past_key_values: Cache | None = None,
+        position_ids: Tensor | None = None,
+        think: bool = True,
+        thought_temperature: float | None = None,
+        thought_trace: ThoughtTrace | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> QuietStarCausalLMOutput:
         """Think after every position, predict with and without the thought, and (with labels) compute the loss.
@@ -217,21 +243,38 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask: (B, L) 1 for tokens, 0 for (right) padding.
             labels: (B, L) targets as for any transformers causal LM (shifted inside; -100 ignored).
             thought_ids: (B, N, L, T) thoughts to use instead of sampling them (e.g. to re-score given thoughts).
+            past_key_values: a KV cache, as `generate()` passes it: the call is then one decoding step that thinks
+                at the newest position only (thinking.py); the cache never keeps thought tokens.
+            position_ids: (B, L) position ids of the new tokens in a decoding step (`generate()` derives them from
+                the attention mask, which may be left-padded there).
+            think: False = the base model alone (returns its logits unchanged).
+            thought_temperature: temperature of the thoughts written in this call; default: the config's
+                `thought_temperature` for the parallel forward, `generation_thought_temperature` for decoding steps.
+            thought_trace: a `ThoughtTrace` that records each decoding step's thought and mixing weight.
+            output_hidden_states: also return the text pass's hidden states.
             kwargs: only the flags transformers' callers pass by habit (`return_dict`, `use_cache`,
-                `output_attentions`, `output_hidden_states`); they change nothing here. Anything else is an error.
+                `output_attentions`); they change nothing here. Anything else is an error.
         """
         unexpected = sorted(set(kwargs) - IGNORED_FORWARD_KWARGS)
         if unexpected:
             raise TypeError(f"QuietStarForCausalLM.forward() got unexpected keyword arguments {unexpected}.")
+        if past_key_values is not None:
+            return self.decoding_step(
+                input_ids, attention_mask, position_ids, past_key_values, think, thought_temperature, thought_trace
+            )
         self._check_inputs(input_ids, attention_mask, labels, thought_ids)
         config = self.config
+        temperature = config.thought_temperature if thought_temperature is None else thought_temperature
         lookahead = config.lookahead if labels is not None else 1  # without labels only x_{i+1} is predicted
         chain_length = config.thought_length + lookahead + 1
-        needs_policy = labels is not None and config.thought_temperature > 0
+        needs_policy = labels is not None and temperature > 0
 
         text = self.text_pass(input_ids, attention_mask, chain_length)
+        hidden_states = text.hidden_states if output_hidden_states else None
+        if not think:
+            return QuietStarCausalLMOutput(logits=text.logits, base_logits=text.logits, hidden_states=hidden_states)
         if thought_ids is None:
-            thought_ids = self.sample_thoughts(text)
+            thought_ids = self.sample_thoughts(text, temperature)
         thoughts = self.thought_pass(text, thought_ids, lookahead, with_policy_logits=needs_policy)
 
         ahead = _lookahead_index(input_ids.shape[1], lookahead, input_ids.device)  # (L, A): position i + s
@@ -241,7 +284,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
 
         loss_parts = None
         if labels is not None:
-            loss_parts = self._objective(text, thoughts, thought_ids, mixed_logits, labels, attention_mask)
+            loss_parts = self._objective(text, thoughts, thought_ids, mixed_logits, labels, attention_mask, temperature)
         return QuietStarCausalLMOutput(
             loss=loss_parts.loss if loss_parts else None,
             logits=self._next_token_log_probs(mixed_logits[..., 0, :]),
@@ -253,6 +296,40 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             policy_loss=loss_parts.policy_loss if loss_parts else None,
             reward_mean=loss_parts.reward_mean if loss_parts else None,
             rewards=loss_parts.rewards if loss_parts else None,
+            hidden_states=hidden_states,
+        )
+
+    def decoding_step(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        cache: Cache,
+        think: bool = True,
+        thought_temperature: float | None = None,
+        thought_trace: ThoughtTrace | None = None,
+    ) -> QuietStarCausalLMOutput:
+        """One KV-cached generation step: the new tokens (B, P) -> next-token log-probabilities (B, 1, V) after a
+        thought at the last position (see thinking.py). `think=False`: the base model's step, logits unchanged."""
+        if not think:
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )
+            return QuietStarCausalLMOutput(logits=out.logits, base_logits=out.logits, past_key_values=cache)
+        config = self.config
+        temperature = config.generation_thought_temperature if thought_temperature is None else thought_temperature
+        step = think_next_token(
+            self, input_ids, attention_mask, position_ids, cache, temperature, config.think_threshold
+        )
+        if thought_trace is not None:
+            thought_trace.record(step.thought)
+        return QuietStarCausalLMOutput(
+            logits=step.logits[:, None],
+            base_logits=step.base_logits[:, None],
+            mixing_weights=step.thought.mixing_weight[:, None, None],
+            thought_ids=step.thought.thought_ids[:, None, None],
+            past_key_values=cache,
         )
 
     def text_pass(self, input_ids: Tensor, attention_mask: Tensor | None, chain_length: int) -> TextPass:
@@ -279,10 +356,10 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 "through transformers' AttentionInterface (unsupported base), or attn_implementation was changed. "
                 f"Use a base whose attention layers call ALL_ATTENTION_FUNCTIONS and attn_implementation='{ATTN_IMPLEMENTATION}'."
             )
-        return TextPass(input_ids, position_ids, out.logits, out.hidden_states[-1], kv)
+        return TextPass(input_ids, position_ids, out.logits, out.hidden_states, kv)
 
     @torch.no_grad()
-    def sample_thoughts(self, text: TextPass) -> Tensor:
+    def sample_thoughts(self, text: TextPass, temperature: float) -> Tensor:
         """Step 2: sample T tokens after every position, N thoughts each, all positions in parallel.
 
         Chain step k runs N*L queries at once (one per thought and position); each attends to the text up to its
@@ -294,7 +371,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         tokens = []
         for step in range(self.config.thought_length):
             logits, _ = self._run_chain(text, step_embeds, step_offset=step, streaming=True)  # (B, N, L, 1, V)
-            token = sample_thought_tokens(logits[..., 0, :], self.config.thought_temperature, self.marker_ids)
+            token = sample_thought_tokens(logits[..., 0, :], temperature, self.marker_ids)
             tokens.append(token)  # (B, N, L)
             step_embeds = self.get_input_embeddings()(token).unsqueeze(-2)
         return torch.stack(tokens, dim=-1)
@@ -362,11 +439,6 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = rearrange(out.hidden_states[-1], "b (n l s) h -> b n l s h", **layout)
         return logits, hidden
 
-    def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> dict:
-        """`generate()` support without a KV cache: every step reruns the full forward on the whole sequence and takes
-        the last position's mixed prediction. Correct, not fast; prompts in a batch need right padding."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
     # ---- mixing and objective ----------------------------------------------------------------------------------------
 
     def _next_token_log_probs(self, mixed_logits: Tensor) -> Tensor:
@@ -375,7 +447,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         mixed_logits[..., list(self.marker_ids)] = float("-inf")
         return torch.logsumexp(mixed_logits.log_softmax(dim=-1), dim=1) - math.log(mixed_logits.shape[1])
 
-    def _objective(self, text, thoughts, thought_ids, mixed_logits, labels, attention_mask):
+    def _objective(self, text, thoughts, thought_ids, mixed_logits, labels, attention_mask, temperature):
         """Step 5: per-token log-probabilities and masks -> `quietstar_loss`."""
         config = self.config
         length, lookahead = labels.shape[1], mixed_logits.shape[-2]
@@ -395,7 +467,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         policy_log_probs = None
         if thoughts.policy_logits is not None:
             policy_log_probs = thought_log_probs(
-                thoughts.policy_logits, thought_ids, config.thought_temperature, self.marker_ids
+                thoughts.policy_logits, thought_ids, temperature, self.marker_ids
             )
         return quietstar_loss(
             base_log_probs,
