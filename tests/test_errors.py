@@ -114,5 +114,7 @@ def test_unknown_forward_arguments_are_not_silently_ignored():
     model, _ = make_model()
     ids = random_text(1, 6)
     model(ids, return_dict=True, output_attentions=False)  # habitual flags from Trainer/PEFT are accepted
-    with pytest.raises(TypeError, match="past_key_values"):
+    with pytest.raises(TypeError, match="inputs_embeds"):
+        model(ids, inputs_embeds=torch.zeros(1, 6, 32))
+    with pytest.raises(ValueError, match="DynamicCache"):
         model(ids, past_key_values=object())

@@ -149,6 +149,16 @@ def test_caches_that_cannot_drop_a_thought_are_refused():
     assert base_like.shape == (1, 6)
 
 
+def test_beam_search_with_the_cache_equals_beam_search_over_the_parallel_forward():
+    model, _ = make_model("qwen2", thought_temperature=0.0)  # greedy thoughts in both paths
+    with torch.no_grad():
+        model.mixing_head.out.bias.fill_(0.0)
+    prompt = random_text(2, 5)
+    kwargs = dict(max_new_tokens=4, num_beams=3, do_sample=False, num_return_sequences=2)
+    cached = model.generate(prompt, **kwargs)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
+
+
 def test_uncached_generation_still_works():
     model, _ = make_model("gemma", thought_temperature=0.0)
     prompt = random_text(2, 5)
