@@ -217,3 +217,82 @@ def difficulty_buckets(base_nll: torch.Tensor, mixed_nll: torch.Tensor) -> list[
 
 
 __all__ = ["LikelihoodGainReport", "DifficultyBucket", "likelihood_gain", "read_documents", "difficulty_buckets"]
+
+
+# ---- the `quietstar eval` command ------------------------------------------------------------------------------------
+
+
+def add_eval_command(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "eval",
+        help="likelihood gain on held-out text and zero-shot QA, with and without thoughts",
+        description="Writes <task>.json and <task>.md per task, likelihood_gain.png, and eval_results.md (all tables, "
+        "for the model card: `quietstar push --eval-dir`). Nothing is downloaded: pass local files.",
+    )
+    parser.add_argument("model", type=Path, help="a model directory (save_pretrained output)")
+    parser.add_argument("--output-dir", type=Path, required=True, help="where the results go")
+    base = parser.add_argument_group("plain causal LM as the model (untrained thoughts, a baseline)")
+    base.add_argument("--wrap-base", action="store_true", help="wrap a plain causal LM directory with from_base")
+    base.add_argument("--thought-length", type=int, help="with --wrap-base: thought tokens (default: the config's)")
+    base.add_argument("--n-thoughts", type=int, help="with --wrap-base: thoughts per position")
+    data = parser.add_argument_group("data (at least one)")
+    data.add_argument("--text", type=Path, help="held-out text: .txt, or .jsonl with --text-field(s)")
+    data.add_argument("--text-field", action="append", help="jsonl field(s) holding the text (default: text)")
+    data.add_argument("--multiple-choice", type=Path, help="CommonsenseQA-format jsonl (question, choices, answerKey)")
+    data.add_argument("--gsm8k", type=Path, help="GSM8K-format jsonl (question, answer ending in '#### <number>')")
+    settings = parser.add_argument_group("settings")
+    settings.add_argument("--limit", type=int, help="first N items of each QA file (default: all)")
+    settings.add_argument("--max-documents", type=int, help="first N documents of --text (default: all)")
+    settings.add_argument("--context-length", type=int, default=256, help="tokens per window of --text")
+    settings.add_argument("--batch-size", type=int, default=4, help="windows per forward for --text")
+    settings.add_argument("--thought-temperature", type=float, default=0.0, help="0 = greedy thoughts (deterministic); -1 = the model's own")
+    settings.add_argument("--seed", type=int, default=0, help="torch seed (sampled thoughts, chain-of-thought samples)")
+    settings.add_argument("--cot-samples", type=int, default=0, help="k for GSM8K chain of thought maj@k; 0 = skip (slow)")
+    settings.add_argument("--cot-max-new-tokens", type=int, default=128, help="reasoning tokens per sample")
+    settings.add_argument("--cot-temperature", type=float, default=0.9, help="sampling temperature of the reasoning")
+    settings.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    settings.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run_eval)
+
+
+def run_eval(args) -> int:
+    from .checkpoints import load_checkpoint
+    from .qa import gsm8k_cot_majority, score_gsm8k_answers, score_multiple_choice
+
+    if not (args.text or args.multiple_choice or args.gsm8k):
+        raise SystemExit("quietstar eval: nothing to do; pass --text, --multiple-choice and/or --gsm8k.")
+    fields = {name: getattr(args, name) for name in ("thought_length", "n_thoughts") if getattr(args, name) is not None}
+    model, tokenizer = load_checkpoint(args.model, wrap_base=args.wrap_base, **fields)
+    common = dict(
+        thought_temperature=None if args.thought_temperature < 0 else args.thought_temperature,
+        seed=args.seed,
+        model_name=str(args.model) + (" (wrapped base, untrained thoughts)" if args.wrap_base else ""),
+        progress=not args.no_progress,
+    )
+    output_dir = args.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tables = []
+    if args.text:
+        report = likelihood_gain(
+            model, tokenizer, args.text, text_fields=tuple(args.text_field or ["text"]), context_length=args.context_length,
+            batch_size=args.batch_size, max_documents=args.max_documents, **common,
+        )
+        report.save(output_dir, plot=not args.no_plot)
+        tables.append(report.markdown())
+    tasks = []
+    if args.multiple_choice:
+        tasks.append(("multiple_choice", lambda: score_multiple_choice(model, tokenizer, args.multiple_choice, limit=args.limit, **common)))
+    if args.gsm8k:
+        tasks.append(("gsm8k_answer", lambda: score_gsm8k_answers(model, tokenizer, args.gsm8k, limit=args.limit, **common)))
+        if args.cot_samples > 0:
+            cot = dict(k=args.cot_samples, max_new_tokens=args.cot_max_new_tokens, temperature=args.cot_temperature)
+            tasks.append(("gsm8k_cot", lambda: gsm8k_cot_majority(model, tokenizer, args.gsm8k, limit=args.limit, **cot, **common)))
+    for name, run in tasks:
+        result = run()
+        (output_dir / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        (output_dir / f"{name}.md").write_text(result.markdown())
+        tables.append(result.markdown())
+    summary = "\n".join(tables)
+    (output_dir / "eval_results.md").write_text(summary)
+    print(summary)
+    return 0

@@ -141,3 +141,40 @@ def push_to_hub(
 
 
 __all__ = ["model_card", "save_for_hub", "push_to_hub"]
+
+
+# ---- the `quietstar push` command ------------------------------------------------------------------------------------
+
+
+def add_push_command(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "push",
+        help="upload a model directory to the Hub with its tokenizer, remote code and a model card",
+    )
+    parser.add_argument("model", type=Path, help="a Quiet-STaR model directory (save_pretrained output, with tokenizer)")
+    parser.add_argument("repo_id", help="Hub repository, e.g. me/quietstar-smollm2")
+    parser.add_argument("--eval-dir", type=Path, help="a `quietstar eval` output directory: its tables go into the card")
+    parser.add_argument("--base-model", help="Hub id of the base model, for the card's metadata")
+    parser.add_argument("--license", default="apache-2.0", help="license id for the card (default: apache-2.0)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--token", help="Hub token (default: the stored login)")
+    parser.add_argument("--commit-message", default="Upload Quiet-STaR model")
+    parser.set_defaults(run=run_push)
+
+
+def run_push(args) -> int:
+    from .checkpoints import load_checkpoint
+
+    evaluation = None
+    if args.eval_dir is not None:
+        results = args.eval_dir / "eval_results.md"
+        if not results.is_file():
+            raise FileNotFoundError(f"no eval_results.md in {args.eval_dir}: pass the --output-dir of `quietstar eval`.")
+        evaluation = results.read_text()
+    model, tokenizer = load_checkpoint(args.model)
+    commit = push_to_hub(
+        model, tokenizer, args.repo_id, private=args.private or None, token=args.token, commit_message=args.commit_message,
+        base_model=args.base_model, license=args.license, evaluation=evaluation,
+    )
+    print(commit.commit_url)
+    return 0

@@ -1,6 +1,7 @@
 """Publishing: push to a local fake of the Hub API, load the upload in a fresh process that cannot import quietstar,
 the model card, and the checks that refuse pickles and name broken files."""
 
+import json
 import pickle
 import shutil
 import subprocess
@@ -186,3 +187,38 @@ def test_thought_attention_falls_back_to_pytorch_without_the_triton_kernels(monk
     assert thought_attention_kernel("auto", torch.device("cuda")) is thought_attention
     with pytest.raises(ImportError, match="triton_kernels"):
         thought_attention_kernel("triton", torch.device("cuda"))
+
+
+def test_eval_then_push_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from quietstar.cli import main
+
+    model, tokenizer = make_model()
+    save_for_hub(model, tokenizer, tmp_path / "model")
+    text = tmp_path / "heldout.txt"
+    text.write_text(" ".join(f"w{(5 * i) % 40}" for i in range(30)))
+    csqa = tmp_path / "csqa.jsonl"
+    csqa.write_text('{"question": "w3 w4", "choices": {"label": ["w10", "w11"], "text": ["w5", "w6"]}, "answerKey": "w11"}\n')
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text('{"question": "w3 w4", "answer": "w5\\n#### 12"}\n')
+    out = tmp_path / "eval"
+    assert main(["eval", str(tmp_path / "model"), "--output-dir", str(out), "--text", str(text), "--context-length", "16",
+                 "--multiple-choice", str(csqa), "--gsm8k", str(gsm8k), "--cot-samples", "2", "--cot-max-new-tokens", "2",
+                 "--seed", "3", "--no-progress"]) == 0
+    written = {p.name for p in out.iterdir()}
+    assert written == {"likelihood_gain.json", "likelihood_gain.md", "likelihood_gain.png", "multiple_choice.json",
+                       "multiple_choice.md", "gsm8k_answer.json", "gsm8k_answer.md", "gsm8k_cot.json", "gsm8k_cot.md", "eval_results.md"}
+    gain = json.loads((out / "likelihood_gain.json").read_text())
+    assert gain["n_tokens"] == 30 - 2 and gain["settings"]["seed"] == 3 and gain["model"] == str(tmp_path / "model")
+    cot = json.loads((out / "gsm8k_cot.json").read_text())
+    assert cot["n_items"] == 1 and cot["settings"]["k"] == 2 and len(cot["data_sha256"]) == 64
+    assert "Likelihood gain" in capsys.readouterr().out
+
+    hub = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(quietstar.hub, "HfApi", lambda token=None: hub)
+    assert main(["push", str(tmp_path / "model"), "me/evaluated", "--eval-dir", str(out), "--base-model", "org/base"]) == 0
+    card = ModelCard.load(hub.root / "me/evaluated/README.md")
+    assert card.data.base_model == "org/base"
+    assert (out / "likelihood_gain.md").read_text().strip() in card.text and "maj@2" in card.text
+
+    with pytest.raises(SystemExit, match="nothing to do"):
+        main(["eval", str(tmp_path / "model"), "--output-dir", str(out)])
