@@ -7,6 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .evaluation import add_eval_command
+from .hub import add_push_command
+
 
 def add_convert_command(subcommands) -> None:
     parser = subcommands.add_parser(
@@ -34,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quietstar", description="Quiet-STaR for Hugging Face causal LMs.")
     subcommands = parser.add_subparsers(dest="command", required=True)
     add_convert_command(subcommands)
+    add_eval_command(subcommands)
+    add_push_command(subcommands)
     return parser
 
 

@@ -1,0 +1,72 @@
+"""Per-token log-likelihood of given text with and without thoughts: the one measurement every evaluation builds on.
+
+One Quiet-STaR forward gives both predictions of every next token: `base_logits` (the wrapped model, no thought) and
+`logits` (after thinking: the mixed prediction averaged over the N thoughts, markers masked). The base prediction is
+scored with the thought markers masked too, so both are distributions over the same vocabulary: the markers are never
+text, and the base model before wrapping had no such tokens.
+
+Thoughts are sampled, so results depend on the thought temperature: evaluations use greedy thoughts
+(`thought_temperature=0`, deterministic) by default, or the model's own temperature under a fixed seed.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .modeling_quietstar import QuietStarForCausalLM
+
+
+@dataclass
+class TokenLogProbs:
+    """log p(x_{i+1} | x_0..x_i) for i = 0 .. L-2: base (B, L-1) without thought, mixed (B, L-1) after thinking;
+    valid (B, L-1) marks targets that are real tokens (not padding)."""
+
+    base: Tensor
+    mixed: Tensor
+    valid: Tensor
+
+
+@contextlib.contextmanager
+def thought_sampling(model: QuietStarForCausalLM, temperature: float | None, seed: int) -> Iterator[None]:
+    """Within the block the model samples thoughts at `temperature` (None: the model's own; 0: greedy) and the torch
+    RNG starts from `seed`. The config is restored afterwards."""
+    saved = model.config.thought_temperature
+    if temperature is not None:
+        model.config.thought_temperature = float(temperature)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        model.config.thought_temperature = saved
+
+
+@torch.no_grad()
+def token_log_probs(model: QuietStarForCausalLM, input_ids: Tensor, attention_mask: Tensor | None = None) -> TokenLogProbs:
+    """Score every next token of `input_ids` (B, L), right-padded, with and without thoughts, in one forward."""
+    input_ids = input_ids.to(model.device)
+    attention_mask = attention_mask.to(model.device) if attention_mask is not None else None
+    out = model(input_ids, attention_mask=attention_mask)
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    base_logits = out.base_logits[:, :-1].float()
+    base_logits[..., list(model.marker_ids)] = float("-inf")
+    base = base_logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
+    mixed = out.logits[:, :-1].float().gather(-1, targets).squeeze(-1)  # already log-probabilities
+    valid = torch.ones_like(base, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
+    return TokenLogProbs(base=base.cpu(), mixed=mixed.cpu(), valid=valid.cpu())
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token id lists -> input_ids (B, Lmax) right-padded with `pad_id`, attention_mask (B, Lmax)."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+    return input_ids, attention_mask
+
+
+__all__ = ["TokenLogProbs", "thought_sampling", "token_log_probs", "right_pad"]
