@@ -1,6 +1,6 @@
 """Adaptive thinking: skip the thought where a cheap signal predicts that it buys little.
 
-The signal is a linear probe on the base model's final hidden state at the current position, computed before any
+The signal is a linear probe (`ThinkGate`, thinking.py) on the base model's final hidden state at the current position, computed before any
 thought token is written:
 
     gain_hat_i = think_gate(h_base_i)   ~   log p_mixed(x_{i+1}) - log p_base(x_{i+1})
@@ -16,19 +16,9 @@ Dimensions: B batch, L text positions, H hidden size, M calibration tokens.
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-
-class ThinkGate(nn.Linear):
-    """H -> 1 linear probe predicting the log-likelihood gain of thinking; zero at initialisation (never trained
-    or calibrated = no preference). `QuietStarForCausalLM._init_weights` zeroes it."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__(hidden_size, 1)
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        """hidden (..., H) -> predicted gain (...) in nats, float32."""
-        return super().forward(hidden.to(self.weight.dtype)).squeeze(-1).float()
+from .scoring import token_log_probs
 
 
 @dataclass
@@ -47,25 +37,16 @@ class GateCalibration:
     n_tokens: int
 
 
-@torch.no_grad()
 def token_gains(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-token gain of thinking and the base hidden state it is predicted from, as generation would think
-    (one thought at the generation temperature).
+    """Per-token gain of thinking and the base hidden state it is predicted from, with thoughts written as generation
+    writes them (`generation_thought_temperature`).
 
     input_ids (B, L) -> gains (M,), hidden (M, H) over the M positions i whose next token x_{i+1} is real text.
     """
-    out = model(
-        input_ids,
-        attention_mask=attention_mask,
-        thought_temperature=model.config.generation_thought_temperature,
-        output_hidden_states=True,
+    scores = token_log_probs(
+        model, input_ids, attention_mask, thought_temperature=model.config.generation_thought_temperature, with_hidden=True
     )
-    next_tokens = input_ids[:, 1:].unsqueeze(-1)
-    mixed = out.logits[:, :-1].gather(-1, next_tokens).squeeze(-1)
-    base = out.base_logits[:, :-1].float().log_softmax(-1).gather(-1, next_tokens).squeeze(-1)
-    valid = torch.ones_like(mixed, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
-    hidden = out.hidden_states[-1][:, :-1]
-    return (mixed - base)[valid], hidden[valid].float()
+    return (scores.mixed - scores.base)[scores.valid], scores.hidden[scores.valid].float()
 
 
 @torch.no_grad()
@@ -106,7 +87,7 @@ def calibrate_think_gate(
     gate.weight.copy_(solution[:-1].to(gate.weight))
     gate.bias.copy_(solution[-1:].to(gate.bias))
 
-    predicted = gate(hidden.to(gate.weight.dtype)).double()
+    predicted = gate(hidden).double()
     order = predicted.argsort(descending=True)
     kept = gains[order].cumsum(0)  # kept[k] = gain of thinking on the k + 1 most promising tokens
     total = gains.sum()

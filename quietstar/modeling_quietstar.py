@@ -33,13 +33,12 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from .adaptive import ThinkGate
 from .attention import ATTN_IMPLEMENTATION, ThoughtKV, register_quietstar_attention, thought_attention_kernel
 from .configuration_quietstar import QuietStarConfig
 from .mixing import INITIAL_MIXING_LOGIT, MixingHead, MixingLogit, mix_logits
 from .objective import quietstar_loss
 from .sampling import sample_thought_tokens, thought_log_probs
-from .thinking import ThoughtTrace, think_next_token
+from .thinking import ThinkGate, ThoughtTrace, think_next_token
 from .thought_tokens import add_thought_tokens, initial_thought_embedding
 
 register_quietstar_attention()  # at import, so remote-code loading (trust_remote_code) registers it too

@@ -22,11 +22,13 @@ from .modeling_quietstar import QuietStarForCausalLM
 @dataclass
 class TokenLogProbs:
     """log p(x_{i+1} | x_0..x_i) for i = 0 .. L-2: base (B, L-1) without thought, mixed (B, L-1) after thinking;
-    valid (B, L-1) marks targets that are real tokens (not padding)."""
+    valid (B, L-1) marks targets that are real tokens (not padding); hidden (B, L-1, H) the base model's final
+    hidden state at x_i (when asked for)."""
 
     base: Tensor
     mixed: Tensor
     valid: Tensor
+    hidden: Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -44,18 +46,28 @@ def thought_sampling(model: QuietStarForCausalLM, temperature: float | None, see
 
 
 @torch.no_grad()
-def token_log_probs(model: QuietStarForCausalLM, input_ids: Tensor, attention_mask: Tensor | None = None) -> TokenLogProbs:
-    """Score every next token of `input_ids` (B, L), right-padded, with and without thoughts, in one forward."""
+def token_log_probs(
+    model: QuietStarForCausalLM,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    thought_temperature: float | None = None,
+    with_hidden: bool = False,
+) -> TokenLogProbs:
+    """Score every next token of `input_ids` (B, L), right-padded, with and without thoughts, in one forward.
+    `thought_temperature`: None = the config's `thought_temperature`."""
     input_ids = input_ids.to(model.device)
     attention_mask = attention_mask.to(model.device) if attention_mask is not None else None
-    out = model(input_ids, attention_mask=attention_mask)
+    out = model(
+        input_ids, attention_mask=attention_mask, thought_temperature=thought_temperature, output_hidden_states=with_hidden
+    )
     targets = input_ids[:, 1:].unsqueeze(-1)
     base_logits = out.base_logits[:, :-1].float()
     base_logits[..., list(model.marker_ids)] = float("-inf")
     base = base_logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
     mixed = out.logits[:, :-1].float().gather(-1, targets).squeeze(-1)  # already log-probabilities
     valid = torch.ones_like(base, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
-    return TokenLogProbs(base=base.cpu(), mixed=mixed.cpu(), valid=valid.cpu())
+    hidden = out.hidden_states[-1][:, :-1].cpu() if with_hidden else None
+    return TokenLogProbs(base=base.cpu(), mixed=mixed.cpu(), valid=valid.cpu(), hidden=hidden)
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -19,11 +19,23 @@ size, V vocabulary.
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
 from .mixing import mix_logits
 from .sampling import sample_thought_tokens
+
+
+class ThinkGate(nn.Linear):
+    """H -> 1 linear probe predicting the log-likelihood gain of thinking; zero at initialisation (never trained
+    or calibrated = no preference; see adaptive.py). `QuietStarForCausalLM._init_weights` zeroes it."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """hidden (..., H) -> predicted gain (...) in nats, float32."""
+        return super().forward(hidden.to(self.weight)).squeeze(-1).float()
 
 
 @dataclass
