@@ -20,11 +20,12 @@ S = T + A + 1 chain steps, H hidden size, V vocabulary.
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import initialization as init
 from transformers.utils import ModelOutput
@@ -97,7 +98,8 @@ class ThoughtPass:
 class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = QuietStarConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False  # layer checkpointing would drop the recorded K/V; see README
+    supports_gradient_checkpointing = True  # whole passes, not layers: see `_set_gradient_checkpointing`
+    gradient_checkpointing = False
     _no_split_modules = []
     _skip_keys_device_placement = ["past_key_values"]
     _tied_weights_keys = {}  # the wrapped model declares its own; post_init prefixes them
@@ -265,21 +267,28 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             kernel=thought_attention_kernel(self.config.thought_attention_backend, input_ids.device),
         )
         position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            output_hidden_states=True,
-            quietstar_kv=kv,
-        )
+        logits, hidden, kv.text = self._checkpointed(self._text_forward, input_ids, attention_mask, position_ids, kv)
         if not kv.text:
             raise RuntimeError(
                 f"{type(self.model).__name__} did not call the 'quietstar' attention: its attention does not go "
                 "through transformers' AttentionInterface (unsupported base), or attn_implementation was changed. "
                 f"Use a base whose attention layers call ALL_ATTENTION_FUNCTIONS and attn_implementation='{ATTN_IMPLEMENTATION}'."
             )
-        return TextPass(input_ids, position_ids, out.logits, out.hidden_states[-1], kv)
+        return TextPass(input_ids, position_ids, logits, hidden, kv)
+
+    def _text_forward(self, input_ids, attention_mask, position_ids, kv: ThoughtKV):
+        """The base model over the text -> logits, final hidden states, {layer: (K, V)}. Records into a fresh dict, not
+        `kv.text`: under gradient checkpointing this runs again in backward and must not touch the live recording."""
+        recording = replace(kv, text={})
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+            quietstar_kv=recording,
+        )
+        return out.logits, out.hidden_states[-1], recording.text
 
     @torch.no_grad()
     def sample_thoughts(self, text: TextPass) -> Tensor:
@@ -318,7 +327,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         )  # (B, N, L, S, H)
         policy_steps = list(range(thought_length)) if with_policy_logits else []
         ahead_steps = list(range(thought_length + 1, thought_length + 1 + lookahead))  # EoT .. x_{i+A-1}
-        logits, hidden = self._run_chain(text, chain, step_offset=0, keep_steps=policy_steps + ahead_steps)
+        logits, hidden = self._checkpointed(self._run_chain, text, chain, 0, False, policy_steps + ahead_steps)
         n_policy = len(policy_steps)
         return ThoughtPass(
             policy_logits=logits[..., :n_policy, :] if with_policy_logits else None,
@@ -366,6 +375,24 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         """`generate()` support without a KV cache: every step reruns the full forward on the whole sequence and takes
         the last position's mixed prediction. Correct, not fast; prompts in a batch need right padding."""
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # ---- gradient checkpointing ----------------------------------------------------------------------------------------
+    # transformers checkpoints each decoder layer, which drops the K/V the text pass records for the thought passes.
+    # Here the inner layers are left alone and the two passes with gradient (text pass, teacher-forced thought pass)
+    # are checkpointed whole: their activations are recomputed in backward, the recorded text K/V are kept.
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """Called by `activation_checkpointing_enable` (and Trainer's `gradient_checkpointing=True`)."""
+        self.gradient_checkpointing = enable
+        self._gradient_checkpointing_func = gradient_checkpointing_func
+
+    def _checkpointed(self, function, *args):
+        """`function(*args)`, through the checkpoint function when checkpointing is on and gradients are recorded."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(function, *args)
+        return function(*args)
 
     # ---- mixing and objective ----------------------------------------------------------------------------------------
 
