@@ -1,11 +1,14 @@
 """The `quietstar` console command. Each subcommand lives beside the code it drives and registers itself here.
 
     quietstar convert [GGUF_FILE] [--output-dir DIR]   GGUF -> safetensors (default: the embedded SmolLM2-135M)
+    quietstar train [CONFIG] [--key value ...]         train from a YAML config (quietstar/train.py)
 """
 
 import argparse
 import sys
 from pathlib import Path
+
+from .train import add_train_command
 
 
 def add_convert_command(subcommands) -> None:
@@ -34,11 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quietstar", description="Quiet-STaR for Hugging Face causal LMs.")
     subcommands = parser.add_subparsers(dest="command", required=True)
     add_convert_command(subcommands)
+    add_train_command(subcommands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "extra_arguments"):  # only commands declaring free-form arguments take them
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.extra_arguments = extra
     return args.run(args)
 
 
