@@ -53,9 +53,15 @@ class TrainConfig:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-6` as a string; learning rates are written that way, so floats follow YAML 1.2 here."""
+    """Booleans and floats as in YAML 1.2: PyYAML (YAML 1.1) reads `no` / `on` as booleans, which breaks
+    `save_strategy: no`, and `1e-6` as a string, which is how learning rates are written."""
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?(?:[eE][-+]?\d+)$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),

@@ -12,7 +12,7 @@ import quietstar
 from conftest import BASE_CONFIGS, make_tokenizer
 from quietstar.cli import main
 from quietstar.train import train
-from quietstar.train_config import load_train_config
+from quietstar.train_config import load_train_config, parse_overrides
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +137,18 @@ def test_bundled_configs_are_valid():
         ({"quietstar.n_thoughts": 0}, "quietstar.n_thoughts"),
         ({"data.window": "long"}, "data.window = 'long' has the wrong type"),
         ({"model.base": "x"}, "unknown section 'model'"),
+        ({"training.save_strategy": False}, "training.save_strategy = False has the wrong type"),
     ],
 )
 def test_bad_configs_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_train_config(None, overrides)
+
+
+def test_yaml_values_follow_yaml_1_2():
+    """`no` stays a string (save_strategy: no) and 1e-6 is a float, unlike PyYAML's YAML 1.1 defaults."""
+    config = load_train_config(None, parse_overrides(["--training.save_strategy", "no", "--training.learning_rate", "1e-6"]))
+    assert config.training["save_strategy"] == "no" and config.training["learning_rate"] == 1e-6
 
 
 def test_unknown_config_file_lists_the_bundled_ones(tmp_path):
