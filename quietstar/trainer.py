@@ -16,9 +16,10 @@ TRAIN_PARTS = ("nll_base", "nll_mixed", "policy_loss", "reward_mean", "mixing_we
 
 
 class QuietStarTrainer(Trainer):
-    """A `Trainer` for `QuietStarForCausalLM`. `evaluate()` returns `{prefix}_nll_base`, `{prefix}_nll_mixed` and
-    `{prefix}_nll_gain` (base - mixed: > 0 when thinking helps) over the eval set, with thoughts sampled under a fixed
-    seed (`args.seed`), so two evaluations of the same weights agree exactly."""
+    """A `Trainer` for `QuietStarForCausalLM`. `evaluate()` returns `{prefix}_nll_base` and `{prefix}_nll_mixed`, the
+    mean NLL of every next token of the eval set without and with thinking, `{prefix}_nll_gain` (base - mixed: > 0
+    when thinking helps) and the mean mixing weight, with thoughts sampled under a fixed seed (`args.seed`), so two
+    evaluations of the same weights agree exactly."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -38,25 +39,29 @@ class QuietStarTrainer(Trainer):
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Mean base and mixed NLL over the eval set (example-weighted batch means), logged and returned."""
+        """Token-level NLL of each next token without thinking (`base_logits`) and with it (`logits`: the mixed
+        prediction, as used by `generate()`), over the same tokens; logged and returned."""
         dataloader = self.get_eval_dataloader(eval_dataset)
         model = self.model_wrapped if self.is_fsdp_enabled else self.model  # FSDP needs its wrapper to gather weights
         was_training = model.training
         model.eval()
-        totals = torch.zeros(4, device=self.args.device)  # sum of nll_base * n, nll_mixed * n, weight * n; n
+        totals = torch.zeros(4, dtype=torch.float64, device=self.args.device)  # NLL sums base, mixed; weight sum; tokens
         devices = [self.args.device] if self.args.device.type == "cuda" else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.args.seed)  # the same thoughts at every evaluation; the training RNG is untouched
             for batch in dataloader:
                 batch = self._prepare_inputs(batch)
+                labels = batch.pop("labels")
                 with self.autocast_smart_context_manager():
-                    outputs = model(**batch)
-                n = batch["input_ids"].shape[0]
-                parts = _loss_parts(outputs, batch.get("attention_mask"))
-                totals += torch.stack([parts[0] * n, parts[1] * n, parts[4] * n, parts.new_tensor(n)]).to(totals)
+                    outputs = model(**batch)  # no labels: only the next token is predicted, no loss terms
+                targets, valid = labels[:, 1:].clamp(min=0), labels[:, 1:] != -100
+                base = _next_token_nll(outputs.base_logits[:, :-1].float().log_softmax(dim=-1), targets, valid)
+                mixed = _next_token_nll(outputs.logits[:, :-1].float(), targets, valid)
+                weight = (outputs.mixing_weights[:, :, :-1].float().mean(dim=1) * valid).sum()
+                totals += torch.stack([base, mixed, weight, valid.sum()]).to(totals)
         model.train(was_training)
         totals = self.accelerator.reduce(totals, reduction="sum")
-        nll_base, nll_mixed, weight = (totals[:3] / totals[3]).tolist()
+        nll_base, nll_mixed, weight = (totals[:3] / totals[3].clamp(min=1)).tolist()
         metrics = {
             f"{metric_key_prefix}_nll_base": round(nll_base, 6),
             f"{metric_key_prefix}_nll_mixed": round(nll_mixed, 6),
@@ -66,6 +71,11 @@ class QuietStarTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+def _next_token_nll(log_probs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of `targets` (B, L-1) under `log_probs` (B, L-1, V) where `valid`."""
+    return -(log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * valid).sum()
 
 
 def _loss_parts(outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -6,13 +6,15 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
 import quietstar
-from conftest import BASE_CONFIGS, make_tokenizer
+from conftest import BASE_CONFIGS, make_model, make_tokenizer, random_text
 from quietstar.cli import main
+from quietstar.data import WindowCollator
 from quietstar.train import train
 from quietstar.train_config import load_train_config, parse_overrides
+from quietstar.trainer import QuietStarTrainer
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,29 @@ def test_loss_parts_add_up_to_the_logged_loss(tiny_base, text_file, tmp_path):
         expected = 0.5 * entry["nll_base"] + 0.5 * entry["nll_mixed"] + 3.0 * entry["policy_loss"]
         assert entry["loss"] == pytest.approx(expected, abs=1e-4)
     assert result.before == {} and result.after == {}
+
+
+def test_evaluate_is_the_next_token_nll_without_and_with_thinking(tmp_path):
+    model, _ = make_model("llama", thought_length=2, n_thoughts=2, lookahead=2)
+    ids = random_text(3, 10)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to="none", use_cpu=True)
+    trainer = QuietStarTrainer(
+        model=model, args=args, eval_dataset=[{"input_ids": row} for row in ids], data_collator=WindowCollator(0)
+    )
+    metrics = trainer.evaluate()
+    assert trainer.evaluate() == metrics  # fixed-seed thoughts: the same weights give the same figures
+
+    model.config.thought_temperature = 0  # greedy thoughts: the batching (2 + 1 rows) no longer matters
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        out = model(ids)
+    targets = ids[:, 1:, None]
+    nll_base = -out.base_logits[:, :-1].log_softmax(-1).gather(-1, targets).mean()
+    nll_mixed = -out.logits[:, :-1].gather(-1, targets).mean()
+    assert metrics["eval_nll_base"] == pytest.approx(nll_base.item(), abs=1e-5)
+    assert metrics["eval_nll_mixed"] == pytest.approx(nll_mixed.item(), abs=1e-5)
+    assert metrics["eval_nll_gain"] == pytest.approx((nll_base - nll_mixed).item(), abs=2e-5)
+    assert metrics["eval_mixing_weight"] == pytest.approx(out.mixing_weights[:, :, :-1].mean().item(), abs=1e-5)
 
 
 class _Interrupt(TrainerCallback):
