@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build_model(base: str, thought_length: int, lookahead: int, n_thoughts: int):
+def build_model(base: str, thought_length: int, lookahead: int, n_thoughts: int, hidden: int = 384, layers: int = 6):
     import quietstar
     from quietstar.default_base import default_base_path
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
@@ -49,8 +49,9 @@ def build_model(base: str, thought_length: int, lookahead: int, n_thoughts: int)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>")), unk_token="<unk>"
     )
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                         num_attention_heads=6, num_key_value_heads=2)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                         num_key_value_heads=2 if hidden // 64 % 2 == 0 else 1)
     return quietstar.QuietStarForCausalLM.from_base(AutoModelForCausalLM.from_config(config), tokenizer, **fields)[0]
 
 
@@ -58,7 +59,8 @@ def measure(case: str, args: argparse.Namespace, device: str) -> dict:
     """Run in a fresh process: time `repeats` steps of `case` after one warm-up step; peak memory of the steps."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(args.base, args.thought_length, args.lookahead, args.n_thoughts).to(device).train()
+    model = build_model(args.base, args.thought_length, args.lookahead, args.n_thoughts, args.hidden, args.layers)
+    model = model.to(device).train()
     vocab = model.config.text_config.vocab_size - 2
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(2, vocab, (args.batch, args.length), generator=generator).to(device)
@@ -105,9 +107,11 @@ def run_case(case: str, args: argparse.Namespace, device: str) -> dict:
         return pool.apply(measure, (case, args, device))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", choices=["random-llama", "smollm2"], default="random-llama")
+    parser.add_argument("--hidden", type=int, default=384, help="random llama: hidden size (heads of 64)")
+    parser.add_argument("--layers", type=int, default=6, help="random llama: decoder layers")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--length", type=int, default=64, help="L, text tokens per row")
     parser.add_argument("--thought-length", type=int, default=4)
@@ -116,7 +120,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     chain_steps = args.thought_length + args.lookahead + 1

@@ -176,6 +176,14 @@ def test_yaml_values_follow_yaml_1_2():
     assert config.training["save_strategy"] == "no" and config.training["learning_rate"] == 1e-6
 
 
+def test_free_form_arguments_only_for_train(capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "--training.max_steps", "3"])
+    assert "unrecognized arguments: --training.max_steps" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="override --training.max_steps has no value"):
+        main(["train", "--training.max_steps"])
+
+
 def test_unknown_config_file_lists_the_bundled_ones(tmp_path):
     with pytest.raises(FileNotFoundError, match="bundled: .*'default'.*'paper_gpu'"):
         load_train_config(tmp_path / "absent.yaml")
