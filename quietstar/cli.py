@@ -1,6 +1,7 @@
 """The `quietstar` console command. Each subcommand lives beside the code it drives and registers itself here.
 
     quietstar convert [GGUF_FILE] [--output-dir DIR]   GGUF -> safetensors (default: the embedded SmolLM2-135M)
+    quietstar train [CONFIG] [--key value ...]         train from a YAML config (quietstar/train.py)
 """
 
 import argparse
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from .evaluation import add_eval_command
 from .hub import add_push_command
+from .train import add_train_command
 
 
 def add_convert_command(subcommands) -> None:
@@ -39,11 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_command(subcommands)
     add_eval_command(subcommands)
     add_push_command(subcommands)
+    add_train_command(subcommands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "extra_arguments"):  # only commands declaring free-form arguments take them
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.extra_arguments = extra
     return args.run(args)
 
 

@@ -23,11 +23,12 @@ S = T + A + 1 chain steps, H hidden size, V vocabulary.
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -111,7 +112,8 @@ class ThoughtPass:
 class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = QuietStarConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False  # layer checkpointing would drop the recorded K/V; see README
+    supports_gradient_checkpointing = True  # whole passes, not layers: see `_set_gradient_checkpointing`
+    gradient_checkpointing = False
     _no_split_modules = []
     _skip_keys_device_placement = ["past_key_values"]
     _tied_weights_keys = {}  # the wrapped model declares its own; post_init prefixes them
@@ -268,7 +270,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         chain_length = config.thought_length + lookahead + 1
         needs_policy = labels is not None and temperature > 0
 
-        text = self.text_pass(input_ids, attention_mask, chain_length)
+        text = self.text_pass(input_ids, attention_mask, chain_length, all_hidden_states=bool(output_hidden_states))
         hidden_states = text.hidden_states if output_hidden_states else None
         if not think:
             return QuietStarCausalLMOutput(logits=text.logits, base_logits=text.logits, hidden_states=hidden_states)
@@ -331,8 +333,11 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             past_key_values=cache,
         )
 
-    def text_pass(self, input_ids: Tensor, attention_mask: Tensor | None, chain_length: int) -> TextPass:
-        """Step 1: the base model over the text (B, L), recording each layer's K/V for the thought passes."""
+    def text_pass(
+        self, input_ids: Tensor, attention_mask: Tensor | None, chain_length: int, all_hidden_states: bool = False
+    ) -> TextPass:
+        """Step 1: the base model over the text (B, L), recording each layer's K/V for the thought passes.
+        `all_hidden_states`: keep every layer's hidden states (else only the last)."""
         batch, length = input_ids.shape
         kv = ThoughtKV(
             n_thoughts=self.config.n_thoughts,
@@ -341,13 +346,8 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             kernel=thought_attention_kernel(self.config.thought_attention_backend, input_ids.device),
         )
         position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            output_hidden_states=True,
-            quietstar_kv=kv,
+        logits, hidden_states, kv.text = self._checkpointed(
+            self._text_forward, input_ids, attention_mask, position_ids, kv, all_hidden_states
         )
         if not kv.text:
             raise RuntimeError(
@@ -355,7 +355,22 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 "through transformers' AttentionInterface (unsupported base), or attn_implementation was changed. "
                 f"Use a base whose attention layers call ALL_ATTENTION_FUNCTIONS and attn_implementation='{ATTN_IMPLEMENTATION}'."
             )
-        return TextPass(input_ids, position_ids, out.logits, out.hidden_states, kv)
+        return TextPass(input_ids, position_ids, logits, hidden_states, kv)
+
+    def _text_forward(self, input_ids, attention_mask, position_ids, kv: ThoughtKV, all_hidden_states: bool):
+        """The base model over the text -> logits, hidden states (every layer's, or only the last), {layer: (K, V)}.
+        Records into a fresh dict, not `kv.text`: under gradient checkpointing this runs again in backward and must not
+        touch the live recording."""
+        recording = replace(kv, text={})
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+            quietstar_kv=recording,
+        )
+        return out.logits, out.hidden_states if all_hidden_states else out.hidden_states[-1:], recording.text
 
     @torch.no_grad()
     def sample_thoughts(self, text: TextPass, temperature: float) -> Tensor:
@@ -394,7 +409,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         )  # (B, N, L, S, H)
         policy_steps = list(range(thought_length)) if with_policy_logits else []
         ahead_steps = list(range(thought_length + 1, thought_length + 1 + lookahead))  # EoT .. x_{i+A-1}
-        logits, hidden = self._run_chain(text, chain, step_offset=0, keep_steps=policy_steps + ahead_steps)
+        logits, hidden = self._checkpointed(self._run_chain, text, chain, 0, False, policy_steps + ahead_steps)
         n_policy = len(policy_steps)
         return ThoughtPass(
             policy_logits=logits[..., :n_policy, :] if with_policy_logits else None,
@@ -437,6 +452,24 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         logits = rearrange(out.logits, "b (n l s) v -> b n l s v", **layout)
         hidden = rearrange(out.hidden_states[-1], "b (n l s) h -> b n l s h", **layout)
         return logits, hidden
+
+    # ---- gradient checkpointing ----------------------------------------------------------------------------------------
+    # transformers checkpoints each decoder layer, which drops the K/V the text pass records for the thought passes.
+    # Here the inner layers are left alone and the two passes with gradient (text pass, teacher-forced thought pass)
+    # are checkpointed whole: their activations are recomputed in backward, the recorded text K/V are kept.
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """Called by `activation_checkpointing_enable` (and Trainer's `gradient_checkpointing=True`)."""
+        self.gradient_checkpointing = enable
+        self._gradient_checkpointing_func = gradient_checkpointing_func
+
+    def _checkpointed(self, function, *args):
+        """`function(*args)`, through the checkpoint function when checkpointing is on and gradients are recorded."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(function, *args)
+        return function(*args)
 
     # ---- mixing and objective ----------------------------------------------------------------------------------------
 

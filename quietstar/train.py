@@ -1,0 +1,164 @@
+"""`quietstar train`: base model + data + YAML config -> a trained, saved Quiet-STaR model.
+
+    quietstar train [CONFIG] [--output-dir DIR] [--resume [CHECKPOINT]] [--section.key VALUE ...]
+
+CONFIG is a YAML file or the name of a bundled config (default: `default`, SmolLM2-135M-Instruct on the built-in
+arithmetic problems, CPU-sized). The run: evaluate the held-out NLL without and with thoughts, train with
+`QuietStarTrainer` (progress bar, `metrics.jsonl`, checkpoints every `save_steps`), evaluate again, save the model
+(`save_pretrained`: loads with `AutoModelForCausalLM.from_pretrained`) and tokenizer into the output directory, and
+print the before/after table. The same command runs under `torchrun` / `accelerate launch` (DDP; FSDP through an
+accelerate config such as `configs/accelerate_fsdp.yaml`).
+"""
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments, set_seed
+
+from .configuration_quietstar import QuietStarConfig
+from .data import WindowCollator, build_datasets, pad_token_id
+from .default_base import convert_gguf, default_base_path, default_cache_dir
+from .modeling_quietstar import QuietStarForCausalLM
+from .train_config import TrainConfig, load_train_config, parse_overrides
+from .trainer import JsonlMetricsCallback, QuietStarTrainer
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "quietstar_train.yaml"  # the resolved config, saved beside the model
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. `before` / `after`: held-out metrics (`*_nll_base`, `*_nll_mixed`, `*_nll_gain`,
+    `*_mixing_weight`), empty without held-out data; `log_history`: the Trainer's logs."""
+
+    output_dir: Path
+    before: dict[str, float]
+    after: dict[str, float]
+    log_history: list[dict]
+
+
+def resolve_base(base: str | None) -> Path:
+    """A local model directory for `base`: None = the embedded default (converted once into the cache), a .gguf file
+    = converted once into the cache, a directory = itself."""
+    if base is None:
+        return default_base_path()
+    path = Path(base).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"base: no GGUF file at {path}.")
+        cached = default_cache_dir() / path.stem
+        return cached if (cached / "model.safetensors").exists() else convert_gguf(path, cached)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"base: no model directory at {path} (expected a config.json there). Give a local Hugging Face model "
+            "directory, a .gguf file, or null for the default SmolLM2-135M-Instruct."
+        )
+    return path
+
+
+def load_model(base: str | None, quietstar_fields: dict) -> tuple[QuietStarForCausalLM, PreTrainedTokenizerBase]:
+    """fp32 weights (the trainer's bf16 is autocast over fp32 master weights). A saved Quiet-STaR model continues
+    training with `quietstar_fields` applied to its config; any other causal LM is wrapped with `from_base`."""
+    path = resolve_base(base)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "right"  # the Quiet-STaR forward needs right padding
+    if AutoConfig.from_pretrained(path).model_type == QuietStarConfig.model_type:
+        model = QuietStarForCausalLM.from_pretrained(path, dtype=torch.float32, **quietstar_fields)
+        return model, tokenizer
+    base_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return QuietStarForCausalLM.from_base(base_model, tokenizer, **quietstar_fields)
+
+
+def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Run a training config end to end (see the module docstring). `callbacks`: extra `TrainerCallback`s."""
+    args = TrainingArguments(**config.training)
+    set_seed(args.seed)  # before the model: the mixing head is initialised here
+    model, tokenizer = load_model(config.base, config.quietstar)
+    train_set, eval_set = build_datasets(config.data, tokenizer, model.config.lookahead)
+    output_dir = Path(args.output_dir)
+    trainer = QuietStarTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set or None,
+        data_collator=WindowCollator(pad_token_id(tokenizer)),
+        processing_class=tokenizer,
+        callbacks=[JsonlMetricsCallback(output_dir / METRICS_FILE), *(callbacks or [])],
+    )
+    before = trainer.evaluate(metric_key_prefix="before") if eval_set else {}
+    trainer.train(resume_from_checkpoint=_resume_argument(args.resume_from_checkpoint))
+    after = trainer.evaluate(metric_key_prefix="after") if eval_set else {}
+    trainer.save_model(str(output_dir))  # save_pretrained of the unwrapped model (+ tokenizer), gathered under FSDP
+    if trainer.is_world_process_zero():
+        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return TrainResult(output_dir, before, after, trainer.state.log_history)
+
+
+def _resume_argument(value: str | None) -> str | bool | None:
+    """"last" (or "true") = the newest checkpoint in the output directory; else a checkpoint path or None."""
+    if value is not None and value.lower() in {"last", "true"}:
+        return True
+    return value
+
+
+def format_summary(result: TrainResult, n_eval: int, window: int) -> str:
+    """The before/after table printed at the end of `quietstar train`."""
+    lines = []
+    if result.before:
+        lines.append(f"held-out next-token NLL ({n_eval} examples of up to {window} tokens; lower is better)")
+        lines.append(f"{'':18}{'no thought':>12}{'with thought':>14}{'gain':>9}{'mix weight':>12}")
+        for name, prefix, metrics in (("before training", "before", result.before), ("after training", "after", result.after)):
+            lines.append(
+                f"{name:18}{metrics[f'{prefix}_nll_base']:12.4f}{metrics[f'{prefix}_nll_mixed']:14.4f}"
+                f"{metrics[f'{prefix}_nll_gain']:+9.4f}{metrics[f'{prefix}_mixing_weight']:12.4f}"
+            )
+    lines.append(f"saved to {result.output_dir} (AutoModelForCausalLM.from_pretrained loads it; metrics in {METRICS_FILE})")
+    return "\n".join(lines)
+
+
+# ---- the console command ---------------------------------------------------------------------------------------------
+
+
+def add_train_command(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "train",
+        help="train a Quiet-STaR model from a YAML config (default: SmolLM2-135M on arithmetic problems, CPU-sized)",
+        usage="quietstar train [CONFIG] [--output-dir DIR] [--resume [CHECKPOINT]] [--section.key VALUE ...]",
+        description="CONFIG: a YAML file or a bundled config name (default, paper_gpu). Overrides: --base PATH, "
+        "--quietstar.thought_length 8, --data.path file.jsonl, --training.max_steps 100, ... (values read as YAML).",
+    )
+    parser.add_argument("--output-dir", help="where checkpoints, metrics.jsonl and the final model go")
+    parser.add_argument(
+        "--resume", nargs="?", const="last", metavar="CHECKPOINT",
+        help="continue from a checkpoint directory (no value: the newest checkpoint in the output directory)",
+    )
+    # The config name and the --section.key overrides are free-form; `quietstar.cli.main` hands them over here.
+    parser.set_defaults(run=run_train, extra_arguments=[])
+
+
+def split_train_arguments(tokens: list[str]) -> tuple[str | None, dict]:
+    """["paper_gpu", "--training.max_steps", "5"] -> ("paper_gpu", {"training.max_steps": 5})."""
+    config = None
+    if tokens and not tokens[0].startswith("--"):
+        config, tokens = tokens[0], tokens[1:]
+    return config, parse_overrides(tokens)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    config_name, overrides = split_train_arguments(args.extra_arguments)
+    if args.output_dir is not None:
+        overrides["training.output_dir"] = args.output_dir
+    if args.resume is not None:
+        overrides["training.resume_from_checkpoint"] = args.resume
+    config = load_train_config(config_name, overrides)
+    result = train(config)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return 0
+    print(format_summary(result, config.data.eval_windows, config.data.window))
+    return 0
+
+
+__all__ = ["train", "TrainResult", "load_model", "resolve_base", "add_train_command", "format_summary"]
