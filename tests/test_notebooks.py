@@ -41,3 +41,5 @@ def test_finetune_then_inference_notebooks(tiny_base, tmp_path):  # noqa: F811
     )
     assert "QuietStarForCausalLM thought_length=2 n_thoughts=2" in printed
     assert printed.count("| thought") == 4
+    assert printed.count("after thinking") == 3  # one thought per generated token
+    assert (tmp_path / "thoughts.html").exists() and (tmp_path / "thoughts.png").exists()
