@@ -118,6 +118,17 @@ def test_evaluate_is_the_next_token_nll_without_and_with_thinking(tmp_path):
     assert metrics["eval_mixing_weight"] == pytest.approx(out.mixing_weights[:, :, :-1].mean().item(), abs=1e-5)
 
 
+def test_a_saved_quietstar_model_continues_training(tiny_base, text_file, tmp_path):
+    short = {"training.max_steps": 1, "training.save_strategy": "no"}
+    first = train(load_train_config(None, tiny_overrides(tiny_base, text_file, tmp_path / "first", **short)))
+    overrides = tiny_overrides(tiny_base, text_file, tmp_path / "second", **short)
+    second = train(load_train_config(None, {**overrides, "base": str(first.output_dir)}))
+    # the second run starts from the first one's weights: its "before" is the first one's "after", exactly
+    assert {k.removeprefix("before"): v for k, v in second.before.items() if "nll" in k} == {
+        k.removeprefix("after"): v for k, v in first.after.items() if "nll" in k
+    }
+
+
 class _Interrupt(TrainerCallback):
     def __init__(self, at_step: int):
         self.at_step = at_step
