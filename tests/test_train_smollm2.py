@@ -30,3 +30,16 @@ def test_default_config_trains_smollm2(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     assert isinstance(model, quietstar.QuietStarForCausalLM) and model.config.text_config.model_type == "llama"
     assert model.config.thought_length == 4
+
+
+def test_gguf_base_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+    from quietstar.default_base import default_gguf_file
+    from quietstar.train import resolve_base
+
+    monkeypatch.setenv("QUIETSTAR_CACHE", str(tmp_path))
+    gguf = default_gguf_file()
+    converted = resolve_base(str(gguf))
+    assert converted == tmp_path / gguf.stem and (converted / "model.safetensors").exists()
+    written = (converted / "model.safetensors").stat().st_mtime_ns
+    assert resolve_base(str(gguf)) == converted  # the second time: from the cache, no new conversion
+    assert (converted / "model.safetensors").stat().st_mtime_ns == written
