@@ -60,14 +60,22 @@ def token_log_probs(
     out = model(
         input_ids, attention_mask=attention_mask, thought_temperature=thought_temperature, output_hidden_states=with_hidden
     )
-    targets = input_ids[:, 1:].unsqueeze(-1)
-    base_logits = out.base_logits[:, :-1].float()
-    base_logits[..., list(model.marker_ids)] = float("-inf")
-    base = base_logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
-    mixed = out.logits[:, :-1].float().gather(-1, targets).squeeze(-1)  # already log-probabilities
+    base, mixed = next_token_log_probs(out, input_ids[:, 1:], model.marker_ids)
     valid = torch.ones_like(base, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
     hidden = out.hidden_states[-1][:, :-1].cpu() if with_hidden else None
     return TokenLogProbs(base=base.cpu(), mixed=mixed.cpu(), valid=valid.cpu(), hidden=hidden)
+
+
+def next_token_log_probs(outputs, targets: Tensor, marker_ids: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """From one forward's output (`base_logits`, `logits` (B, L, V)), log p(x_{i+1}) of `targets` (B, L-1) (ids >= 0)
+    without thinking (base; the markers masked, so both are distributions over text tokens) and with it (mixed: the
+    output's log-probabilities). Returns base, mixed (B, L-1) float32."""
+    targets = targets.unsqueeze(-1)
+    base_logits = outputs.base_logits[:, :-1].float()
+    base_logits[..., list(marker_ids)] = float("-inf")
+    base = base_logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
+    mixed = outputs.logits[:, :-1].float().gather(-1, targets).squeeze(-1)  # already log-probabilities
+    return base, mixed
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -81,4 +89,4 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return input_ids, attention_mask
 
 
-__all__ = ["TokenLogProbs", "thought_sampling", "token_log_probs", "right_pad"]
+__all__ = ["TokenLogProbs", "thought_sampling", "token_log_probs", "next_token_log_probs", "right_pad"]

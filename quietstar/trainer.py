@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .scoring import next_token_log_probs
+
 # Logged at every logging step (means over the steps since the last log, averaged over processes).
 TRAIN_PARTS = ("nll_base", "nll_mixed", "policy_loss", "reward_mean", "mixing_weight")
 
@@ -54,9 +56,9 @@ class QuietStarTrainer(Trainer):
                 labels = batch.pop("labels")
                 with self.autocast_smart_context_manager():
                     outputs = model(**batch)  # no labels: only the next token is predicted, no loss terms
-                targets, valid = labels[:, 1:].clamp(min=0), labels[:, 1:] != -100
-                base = _next_token_nll(outputs.base_logits[:, :-1].float().log_softmax(dim=-1), targets, valid)
-                mixed = _next_token_nll(outputs.logits[:, :-1].float(), targets, valid)
+                valid = labels[:, 1:] != -100
+                base, mixed = next_token_log_probs(outputs, labels[:, 1:].clamp(min=0), self.model.marker_ids)
+                base, mixed = -(base * valid).sum(), -(mixed * valid).sum()
                 weight = (outputs.mixing_weights[:, :, :-1].float().mean(dim=1) * valid).sum()
                 totals += torch.stack([base, mixed, weight, valid.sum()]).to(totals)
         model.train(was_training)
@@ -71,11 +73,6 @@ class QuietStarTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-
-def _next_token_nll(log_probs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of `targets` (B, L-1) under `log_probs` (B, L-1, V) where `valid`."""
-    return -(log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * valid).sum()
 
 
 def _loss_parts(outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -110,7 +110,9 @@ def test_evaluate_is_the_next_token_nll_without_and_with_thinking(tmp_path):
     with torch.no_grad():
         out = model(ids)
     targets = ids[:, 1:, None]
-    nll_base = -out.base_logits[:, :-1].log_softmax(-1).gather(-1, targets).mean()
+    base_logits = out.base_logits[:, :-1].clone()
+    base_logits[..., list(model.marker_ids)] = float("-inf")  # both predictions over text tokens only
+    nll_base = -base_logits.log_softmax(-1).gather(-1, targets).mean()
     nll_mixed = -out.logits[:, :-1].gather(-1, targets).mean()
     assert metrics["eval_nll_base"] == pytest.approx(nll_base.item(), abs=1e-5)
     assert metrics["eval_nll_mixed"] == pytest.approx(nll_mixed.item(), abs=1e-5)
