@@ -2,6 +2,8 @@
 
     quietstar convert [GGUF_FILE] [--output-dir DIR]   GGUF -> safetensors (default: the embedded SmolLM2-135M)
     quietstar train [CONFIG] [--key value ...]         train from a YAML config (quietstar/train.py)
+    quietstar eval MODEL [...]                         likelihood gain and zero-shot QA reports (quietstar/evaluation.py)
+    quietstar push MODEL REPO_ID [...]                 upload with the model card (quietstar/hub.py)
 """
 
 import argparse
