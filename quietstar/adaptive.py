@@ -85,7 +85,7 @@ def calibrate_think_gate(
     solution = torch.linalg.solve(features.T @ features + penalty, features.T @ gains)
     gate = model.think_gate
     gate.weight.copy_(solution[:-1].to(gate.weight))
-    gate.bias.copy_(solution[-1:].to(gate.bias))
+    gate.bias.copy_(solution[-1].to(gate.bias))
 
     predicted = gate(hidden).double()
     order = predicted.argsort(descending=True)

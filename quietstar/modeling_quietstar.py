@@ -135,7 +135,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         # Rows: start, end. Stored divided by `thought_embedding_scale` (see `marker_embeddings`).
         self.thought_embeddings = nn.Parameter(torch.empty(2, hidden_size))
         self.mixing_head = MixingHead(hidden_size, config.mixer_hidden_size)
-        self.think_gate = ThinkGate(hidden_size)  # adaptive thinking in generate(); see adaptive.py
+        self.think_gate = ThinkGate(hidden_size)  # adaptive thinking in generate(); calibrated by adaptive.py
         self.post_init()
 
     # ---- construction --------------------------------------------------------------------------------------------

@@ -26,16 +26,19 @@ from .mixing import mix_logits
 from .sampling import sample_thought_tokens
 
 
-class ThinkGate(nn.Linear):
-    """H -> 1 linear probe predicting the log-likelihood gain of thinking; zero at initialisation (never trained
-    or calibrated = no preference; see adaptive.py). `QuietStarForCausalLM._init_weights` zeroes it."""
+class ThinkGate(nn.Module):
+    """Linear probe h -> w . h + b predicting the log-likelihood gain of thinking (nats); zero until calibrated
+    (adaptive.py). Buffers, not parameters: it is fitted in closed form, never by gradient, so optimizers and DDP
+    ignore it, while save_pretrained / from_pretrained keep it."""
 
     def __init__(self, hidden_size: int):
-        super().__init__(hidden_size, 1)
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(hidden_size))
+        self.register_buffer("bias", torch.zeros(()))
 
     def forward(self, hidden: Tensor) -> Tensor:
-        """hidden (..., H) -> predicted gain (...) in nats, float32."""
-        return super().forward(hidden.to(self.weight)).squeeze(-1).float()
+        """hidden (..., H) -> predicted gain (...), float32."""
+        return (hidden.to(self.weight) @ self.weight + self.bias).float()
 
 
 @dataclass

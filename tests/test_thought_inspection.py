@@ -93,3 +93,16 @@ def test_calibration_rejects_a_bad_share():
     model, _ = make_model()
     with pytest.raises(ValueError, match="keep_gain"):
         quietstar.calibrate_think_gate(model, [random_text(1, 5)], keep_gain=1.5)
+
+
+def test_think_gate_is_no_parameter_but_is_saved(tmp_path):
+    """Calibrated, not trained: no gradient (DDP and optimizers ignore it), but its values are saved and reloaded."""
+    model, tokenizer = trusting_model()
+    quietstar.calibrate_think_gate(model, [random_text(2, 10)], keep_gain=0.9)
+    assert not list(model.think_gate.parameters())
+    model.save_pretrained(tmp_path)
+    reloaded = quietstar.QuietStarForCausalLM.from_pretrained(tmp_path)
+    assert model.think_gate.weight.abs().sum() > 0
+    assert torch.equal(reloaded.think_gate.weight, model.think_gate.weight)
+    assert torch.equal(reloaded.think_gate.bias, model.think_gate.bias)
+    assert reloaded.config.think_threshold == model.config.think_threshold
