@@ -31,18 +31,24 @@ class TokenLogProbs:
     hidden: Tensor | None = None
 
 
+# The two config fields that set how thoughts are written: in the parallel forward and in cached generation.
+THOUGHT_TEMPERATURES = ("thought_temperature", "generation_thought_temperature")
+
+
 @contextlib.contextmanager
 def thought_sampling(model: QuietStarForCausalLM, temperature: float | None, seed: int) -> Iterator[None]:
-    """Within the block the model samples thoughts at `temperature` (None: the model's own; 0: greedy) and the torch
-    RNG starts from `seed`. The config is restored afterwards."""
-    saved = model.config.thought_temperature
+    """Within the block the model writes thoughts at `temperature` (None: the model's own; 0: greedy), in forward and
+    in `generate()` alike, and the torch RNG starts from `seed`. The config is restored afterwards."""
+    saved = {name: getattr(model.config, name) for name in THOUGHT_TEMPERATURES}
     if temperature is not None:
-        model.config.thought_temperature = float(temperature)
+        for name in THOUGHT_TEMPERATURES:
+            setattr(model.config, name, float(temperature))
     torch.manual_seed(seed)
     try:
         yield
     finally:
-        model.config.thought_temperature = saved
+        for name, value in saved.items():
+            setattr(model.config, name, value)
 
 
 @torch.no_grad()

@@ -166,3 +166,25 @@ def test_malformed_gsm8k_jsonl_names_file_and_line(tmp_path, line, message):
         score_gsm8k_answers(None, None, path)
     with pytest.raises(DataFormatError, match="line 1"):
         likelihood_gain(None, None, path, text_fields=("text",))
+
+
+def test_thought_sampling_sets_the_thought_temperature_of_generate_too():
+    """CoT evaluation samples with `generate()`: the evaluation's thought temperature must reach the cached step."""
+    from conftest import random_text
+    from quietstar.scoring import thought_sampling
+
+    model, _ = make_model("llama")
+    prompt = random_text(2, 5)
+
+    def thoughts(**kwargs):
+        trace = quietstar.ThoughtTrace()
+        model.generate(prompt, max_new_tokens=3, do_sample=False, thought_trace=trace, **kwargs)
+        return torch.stack([step.thought_ids for step in trace.steps])
+
+    greedy = thoughts()
+    with thought_sampling(model, 2.0, seed=3):
+        inside = thoughts()
+    torch.manual_seed(3)
+    assert torch.equal(inside, thoughts(thought_temperature=2.0))
+    assert not torch.equal(inside, greedy)
+    assert model.config.generation_thought_temperature == 0.0 and model.config.thought_temperature == 1.0
