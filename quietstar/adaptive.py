@@ -39,12 +39,12 @@ class GateCalibration:
 
 def token_gains(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-token gain of thinking and the base hidden state it is predicted from, with thoughts written as generation
-    writes them (`generation_thought_temperature`).
+    writes them (`inference_thought_temperature`).
 
     input_ids (B, L) -> gains (M,), hidden (M, H) over the M positions i whose next token x_{i+1} is real text.
     """
     scores = token_log_probs(
-        model, input_ids, attention_mask, thought_temperature=model.config.generation_thought_temperature, with_hidden=True
+        model, input_ids, attention_mask, thought_temperature=model.config.inference_thought_temperature, with_hidden=True
     )
     return (scores.mixed - scores.base)[scores.valid], scores.hidden[scores.valid].float()
 

@@ -187,6 +187,7 @@ class ThoughtKV:
         if module not in self.text:
             raise RuntimeError("thought pass before the text pass: the text's keys/values were not recorded.")
         k_text, v_text = self.text[module]
+        query, key, value = to_attention_dtype(query, key, value)
         layout = dict(n=self.n_thoughts, l=self.n_positions)
         q = rearrange(query, "b h (n l s) d -> b n h l s d", **layout)
         k_new = rearrange(key, "b h (n l s) d -> b n h l s d", **layout)
@@ -226,10 +227,24 @@ def quietstar_attention_forward(
     `attention_mask` is ignored there)."""
     if quietstar_kv is None or quietstar_kv.step_offset is None:
         if quietstar_kv is not None:
-            quietstar_kv.text[module] = (key, value)
+            quietstar_kv.text[module] = to_attention_dtype(key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     _check_thought_pass_supported(dropout, kwargs, quietstar_kv)
     return quietstar_kv.attend(module, query, key, value, scaling), None
+
+
+def to_attention_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Bring q/k/v to one dtype at the thought-attention boundary: the autocast dtype when autocast is on (under
+    `torch.autocast(bfloat16)` over fp32 weights, rotary embeddings hand back fp32 q/k while v, a Linear output, is
+    bf16; sdpa would run in bf16 there too), else their common promoted dtype. The fused kernels need one dtype."""
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = tensors[0].dtype
+        for tensor in tensors[1:]:
+            dtype = torch.promote_types(dtype, tensor.dtype)
+    return tuple(tensor.to(dtype) for tensor in tensors)
 
 
 def _check_thought_pass_supported(dropout: float, kwargs: dict, kv: ThoughtKV) -> None:

@@ -31,8 +31,8 @@ class QuietStarConfig(PreTrainedConfig):
         lookahead (`int`, *optional*, defaults to 4):
             A, true tokens scored after each thought (the paper's `n_ahead_talk`); A - 1 of them are teacher-forced.
         thought_temperature (`float`, *optional*, defaults to 1.0):
-            Temperature for sampling thoughts, also used for their policy log-probabilities. 0 means greedy: thoughts
-            are then deterministic and the policy-gradient term is zero.
+            Temperature of the thoughts in training mode (`model.train()`), also used for their policy
+            log-probabilities. 0 means greedy: thoughts are then deterministic and the policy-gradient term is zero.
         policy_weight (`float`, *optional*, defaults to 1e6):
             Weight of the REINFORCE term. The paper uses 1e6 because its advantages are small log-likelihood gaps.
         base_loss_weight (`float`, *optional*, defaults to 0.5):
@@ -53,9 +53,12 @@ class QuietStarConfig(PreTrainedConfig):
         thought_attention_backend (`str`, *optional*, defaults to `"auto"`):
             `"triton"` (fused kernels), `"torch"` (PyTorch reference) or `"auto"` (triton on CUDA, torch elsewhere).
             The environment variable `QUIETSTAR_THOUGHT_ATTENTION` overrides it.
-        generation_thought_temperature (`float`, *optional*, defaults to 0.0):
-            Temperature of the thoughts written during `generate()` (0 = greedy, deterministic). A `generate` keyword
-            `thought_temperature=` overrides it per call.
+        inference_thought_temperature (`float`, *optional*, defaults to 0.0):
+            Temperature of the thoughts in eval mode (`model.eval()`): the forward without labels, `generate()`,
+            `quietstar eval` and lm-evaluation-harness all predict with this one policy. 0 = greedy: deterministic,
+            and a single chain is written instead of `n_thoughts` identical ones. A forward or `generate` keyword
+            `thought_temperature=` overrides it per call. (Saved configs' `generation_thought_temperature` is read
+            as this field.)
         think_threshold (`float`, *optional*):
             Adaptive thinking: during `generate()`, think only where the think gate predicts a log-likelihood gain
             >= this value (nats). None = think at every token. Set by `quietstar.calibrate_think_gate`.
@@ -88,11 +91,13 @@ class QuietStarConfig(PreTrainedConfig):
     start_thought_token_id: int | None = None
     end_thought_token_id: int | None = None
     thought_attention_backend: str = "auto"
-    generation_thought_temperature: float | int = 0.0
+    inference_thought_temperature: float | int = 0.0
     think_threshold: float | int | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if "generation_thought_temperature" in kwargs:  # its name up to 0.1.0, when it applied to generate() only
+            self.inference_thought_temperature = kwargs.pop("generation_thought_temperature")
         super().__post_init__(**kwargs)
         if self.mixer_hidden_size is None:
             self.mixer_hidden_size = self.text_config.hidden_size
@@ -104,7 +109,7 @@ class QuietStarConfig(PreTrainedConfig):
         for name in ("thought_length", "n_thoughts", "lookahead", "mixer_hidden_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
-        for name in ("thought_temperature", "generation_thought_temperature", "policy_weight", "base_loss_weight",
+        for name in ("thought_temperature", "inference_thought_temperature", "policy_weight", "base_loss_weight",
                      "mixed_loss_weight"):
             if not getattr(self, name) >= 0:  # also rejects NaN
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")

@@ -170,7 +170,7 @@ def likelihood_gain(
         batch_size=batch_size,
         text_fields=list(text_fields),
         max_documents=max_documents,
-        thought_temperature=model.config.thought_temperature if thought_temperature is None else thought_temperature,
+        thought_temperature=model.config.inference_thought_temperature if thought_temperature is None else thought_temperature,
         seed=seed,
         n_thoughts=model.config.n_thoughts,
         thought_length=model.config.thought_length,

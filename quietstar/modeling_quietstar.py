@@ -21,6 +21,7 @@ Dimensions: B batch, L text positions, N thoughts per position, T thought tokens
 S = T + A + 1 chain steps, H hidden size, V vocabulary.
 """
 
+import copy
 import math
 import os
 from dataclasses import dataclass, replace
@@ -39,13 +40,14 @@ from .configuration_quietstar import QuietStarConfig
 from .mixing import INITIAL_MIXING_LOGIT, MixingHead, MixingLogit, mix_logits
 from .objective import quietstar_loss
 from .sampling import sample_thought_tokens, thought_log_probs
-from .thinking import ThinkGate, ThoughtTrace, think_next_token
-from .thought_tokens import add_thought_tokens, initial_thought_embedding
+from .thinking import CACHE_KWARG, ThinkGate, ThoughtTrace, think_next_token
+from .thought_tokens import add_thought_tokens, initial_thought_embedding, thought_init_token_ids
 
 register_quietstar_attention()  # at import, so remote-code loading (trust_remote_code) registers it too
 
-# Passed by Trainer, PEFT or generation utilities out of habit; the Quiet-STaR forward has no use for them.
-IGNORED_FORWARD_KWARGS = {"return_dict", "use_cache", "output_attentions"}
+# Passed by Trainer, PEFT or generation utilities out of habit; the Quiet-STaR forward has no use for them. Any other
+# keyword is passed through to the base model's text pass, as transformers' own models pass theirs to the layers.
+IGNORED_FORWARD_KWARGS = ("return_dict", "use_cache", "output_attentions")
 
 
 @dataclass
@@ -57,11 +59,12 @@ class QuietStarCausalLMOutput(ModelOutput):
             thoughts (in probability space); the marker tokens are masked out.
         base_logits: (B, L, V) the base model's next-token logits (no thought).
         mixing_weights: (B, N, L) the weight w of the thought-conditioned prediction used for `logits`.
-        thought_ids: (B, N, L, T) the thought written after each position.
+        thought_ids: (B, N, L, T) the thought written after each position (N = 1 when thoughts are greedy).
         nll_base, nll_mixed, policy_loss, reward_mean: the loss parts, detached, for logging.
         rewards: (B, N, L) each thought's reward (log-likelihood gain over the base on the A lookahead tokens);
             0 where the position has no complete lookahead.
-        past_key_values: the KV cache in a generation step (thought-free: prompt + generated text only).
+        cache: the KV cache in a generation step (thought-free: prompt + generated text only); also readable as
+            `past_key_values`, the name transformers used before 5.24.
         hidden_states: the base (text) pass's hidden states per layer, each (B, L, H), with `output_hidden_states`.
     """
 
@@ -75,8 +78,12 @@ class QuietStarCausalLMOutput(ModelOutput):
     policy_loss: Tensor | None = None
     reward_mean: Tensor | None = None
     rewards: Tensor | None = None
-    past_key_values: object | None = None
+    cache: Cache | None = None
     hidden_states: tuple[Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> Cache | None:
+        return self.cache
 
 
 @dataclass
@@ -115,7 +122,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     supports_gradient_checkpointing = True  # whole passes, not layers: see `_set_gradient_checkpointing`
     gradient_checkpointing = False
     _no_split_modules = []
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _tied_weights_keys = {}  # the wrapped model declares its own; post_init prefixes them
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -125,12 +132,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         config._attn_implementation = ATTN_IMPLEMENTATION  # propagates to text_config: thoughts need this backend
         super().__init__(config)
         self.model = base_model if base_model is not None else AutoModelForCausalLM.from_config(config.text_config)
-        if not getattr(self.model, "_supports_attention_backend", False):
-            raise ValueError(
-                f"{type(self.model).__name__} is not supported as a Quiet-STaR base: its attention does not go through "
-                "transformers' AttentionInterface, which the thought passes plug into. Supported: llama, mistral, "
-                "qwen2, qwen3, gemma and the other architectures whose attention uses ALL_ATTENTION_FUNCTIONS."
-            )
+        _check_base(self.model)
         hidden_size = config.text_config.hidden_size
         # Rows: start, end. Stored divided by `thought_embedding_scale` (see `marker_embeddings`).
         self.thought_embeddings = nn.Parameter(torch.empty(2, hidden_size))
@@ -151,8 +153,9 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
 
         Adds `<|startofthought|>` / `<|endofthought|>` to the tokenizer (loaded from `base` if it is a path and no
         tokenizer is given), grows the embeddings if needed and initialises both thought embeddings from "---" as
-        the paper does. `config_fields` are `QuietStarConfig` fields (thought_length=..., n_thoughts=..., ...).
-        The base model instance is reused, not copied. Returns (model, tokenizer).
+        the paper does (if the tokenizer cannot encode "---", from the mean input embedding, with a warning).
+        `config_fields` are `QuietStarConfig` fields (thought_length=..., n_thoughts=..., ...). The base model instance
+        is reused, not copied. Every check runs before the tokenizer or the model is changed. Returns (model, tokenizer).
         """
         if isinstance(base, (str, os.PathLike)):
             tokenizer = tokenizer if tokenizer is not None else base
@@ -162,14 +165,18 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 f"`base` must be a transformers causal LM with an output head (e.g. LlamaForCausalLM), got "
                 f"{type(base).__name__}. Load it with AutoModelForCausalLM."
             )
+        _check_base(base)
         if tokenizer is None:
             raise ValueError("pass the base model's tokenizer (or a path to it): the thought tokens are added to it.")
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        QuietStarConfig(text_config=copy.deepcopy(base.config), **config_fields)  # bad fields raise here, not later
+        init_ids = thought_init_token_ids(tokenizer)
 
         start_id, end_id = add_thought_tokens(tokenizer)
         if len(tokenizer) > base.get_input_embeddings().num_embeddings:
             base.resize_token_embeddings(len(tokenizer))
+            _drop_stale_gradients(base)
         config = QuietStarConfig(
             text_config=base.config, start_thought_token_id=start_id, end_thought_token_id=end_id, **config_fields
         )
@@ -179,7 +186,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         model.think_gate.to(device=reference.device, dtype=reference.dtype)
         model.thought_embeddings.data = model.thought_embeddings.data.to(reference)
         with torch.no_grad():
-            start = initial_thought_embedding(tokenizer, base.get_input_embeddings()) / config.thought_embedding_scale
+            start = initial_thought_embedding(init_ids, base.get_input_embeddings()) / config.thought_embedding_scale
             model.thought_embeddings.copy_(start.expand(2, -1))
         return model, tokenizer
 
@@ -225,16 +232,19 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         thought_ids: Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        logits_to_keep: int | Tensor = 0,
         think: bool = True,
         thought_temperature: float | None = None,
         thought_trace: ThoughtTrace | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> QuietStarCausalLMOutput:
         """Think after every position, predict with and without the thought, and (with labels) compute the loss.
@@ -243,37 +253,53 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids: (B, L) token ids; padding must be on the right.
             attention_mask: (B, L) 1 for tokens, 0 for (right) padding.
             labels: (B, L) targets as for any transformers causal LM (shifted inside; -100 ignored).
-            thought_ids: (B, N, L, T) thoughts to use instead of sampling them (e.g. to re-score given thoughts).
-            past_key_values: a KV cache, as `generate()` passes it: the call is then one decoding step that thinks
-                at the newest position only (thinking.py); the cache never keeps thought tokens.
+            thought_ids: (B, N, L, T) thoughts to use instead of writing them (e.g. to re-score given thoughts).
+            cache: a KV cache, as `generate()` passes it: the call is then one decoding step that thinks at the newest
+                position only (thinking.py); the cache never keeps thought tokens. `past_key_values` is the same
+                keyword under the name transformers used before 5.24.
             position_ids: (B, L) position ids of the new tokens in a decoding step (`generate()` derives them from
                 the attention mask, which may be left-padded there).
+            inputs_embeds: not supported (thoughts and lookahead are built from token ids); must be None.
+            logits_to_keep: as in transformers' causal LMs: 0 = logits at every position, n = the last n only.
             think: False = the base model alone (returns its logits unchanged).
-            thought_temperature: temperature of the thoughts written in this call; default: the config's
-                `thought_temperature` for the parallel forward, `generation_thought_temperature` for decoding steps.
+            thought_temperature: temperature of the thoughts written in this call, overriding the thought policy
+                (`thought_policy_temperature`): by default training mode samples at `config.thought_temperature`
+                and eval mode writes at `config.inference_thought_temperature` (0 = greedy, one chain).
             thought_trace: a `ThoughtTrace` that records each decoding step's thought and mixing weight.
             output_hidden_states: also return the text pass's hidden states.
-            kwargs: only the flags transformers' callers pass by habit (`return_dict`, `use_cache`,
-                `output_attentions`); they change nothing here. Anything else is an error.
+            kwargs: `return_dict`, `use_cache`, `output_attentions` change nothing here; any other keyword goes to the
+                base model's text pass, as transformers' models pass theirs on to their layers.
         """
-        unexpected = sorted(set(kwargs) - IGNORED_FORWARD_KWARGS)
-        if unexpected:
-            raise TypeError(f"QuietStarForCausalLM.forward() got unexpected keyword arguments {unexpected}.")
-        if past_key_values is not None:
+        cache = _one_cache(cache, past_key_values)
+        if inputs_embeds is not None:
+            raise ValueError(
+                "QuietStarForCausalLM does not take `inputs_embeds`: thoughts and the lookahead tokens are built from "
+                "token ids. Pass `input_ids` instead."
+            )
+        for name in IGNORED_FORWARD_KWARGS:
+            kwargs.pop(name, None)
+        self._check_token_ids(input_ids, labels, thought_ids)
+        temperature = self.thought_policy_temperature(thought_temperature)
+        if cache is not None:
             return self.decoding_step(
-                input_ids, attention_mask, position_ids, past_key_values, think, thought_temperature, thought_trace
+                input_ids, attention_mask, position_ids, cache, think, temperature, thought_trace, **kwargs
             )
         self._check_inputs(input_ids, attention_mask, labels, thought_ids)
         config = self.config
-        temperature = config.thought_temperature if thought_temperature is None else thought_temperature
         lookahead = config.lookahead if labels is not None else 1  # without labels only x_{i+1} is predicted
         chain_length = config.thought_length + lookahead + 1
         needs_policy = labels is not None and temperature > 0
+        # greedy thoughts are all the same: write one chain instead of N identical ones
+        n_chains = thought_ids.shape[1] if thought_ids is not None else (config.n_thoughts if temperature > 0 else 1)
 
-        text = self.text_pass(input_ids, attention_mask, chain_length, all_hidden_states=bool(output_hidden_states))
+        text = self.text_pass(
+            input_ids, attention_mask, chain_length, all_hidden_states=bool(output_hidden_states), n_thoughts=n_chains,
+            **kwargs,
+        )
         hidden_states = text.hidden_states if output_hidden_states else None
         if not think:
-            return QuietStarCausalLMOutput(logits=text.logits, base_logits=text.logits, hidden_states=hidden_states)
+            logits = _keep(text.logits, logits_to_keep)
+            return QuietStarCausalLMOutput(logits=logits, base_logits=logits, hidden_states=hidden_states)
         if thought_ids is None:
             thought_ids = self.sample_thoughts(text, temperature)
         thoughts = self.thought_pass(text, thought_ids, lookahead, with_policy_logits=needs_policy)
@@ -288,8 +314,8 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             loss_parts = self._objective(text, thoughts, thought_ids, mixed_logits, labels, attention_mask, temperature)
         return QuietStarCausalLMOutput(
             loss=loss_parts.loss if loss_parts else None,
-            logits=self._next_token_log_probs(mixed_logits[..., 0, :]),
-            base_logits=text.logits,
+            logits=_keep(self._next_token_log_probs(mixed_logits[..., 0, :]), logits_to_keep),
+            base_logits=_keep(text.logits, logits_to_keep),
             mixing_weights=weights[..., 0],
             thought_ids=thought_ids,
             nll_base=loss_parts.nll_base if loss_parts else None,
@@ -300,6 +326,17 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             hidden_states=hidden_states,
         )
 
+    def thought_policy_temperature(self, thought_temperature: float | None = None) -> float:
+        """The one rule for how thoughts are written, on every path (parallel forward, cached generation, evaluation):
+        an explicit `thought_temperature` wins; else training mode samples at `config.thought_temperature` and eval
+        mode writes at `config.inference_thought_temperature` (default 0: greedy, deterministic)."""
+        if thought_temperature is not None:
+            if not thought_temperature >= 0:
+                raise ValueError(f"thought_temperature must be >= 0 (0 = greedy), got {thought_temperature}.")
+            return float(thought_temperature)
+        config = self.config
+        return float(config.thought_temperature if self.training else config.inference_thought_temperature)
+
     def decoding_step(
         self,
         input_ids: Tensor,
@@ -307,21 +344,23 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         position_ids: Tensor | None,
         cache: Cache,
         think: bool = True,
-        thought_temperature: float | None = None,
+        thought_temperature: float = 0.0,
         thought_trace: ThoughtTrace | None = None,
+        **kwargs,
     ) -> QuietStarCausalLMOutput:
         """One KV-cached generation step: the new tokens (B, P) -> next-token log-probabilities (B, 1, V) after a
-        thought at the last position (see thinking.py). `think=False`: the base model's step, logits unchanged."""
+        thought at the last position (see thinking.py). `think=False`: the base model's step, logits unchanged
+        (`kwargs` go to the base model there)."""
         if not think:
             out = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache}, **kwargs,
             )
-            return QuietStarCausalLMOutput(logits=out.logits, base_logits=out.logits, past_key_values=cache)
-        config = self.config
-        temperature = config.generation_thought_temperature if thought_temperature is None else thought_temperature
+            return QuietStarCausalLMOutput(
+                logits=out.logits, base_logits=out.logits, cache=cache
+            )
         step = think_next_token(
-            self, input_ids, attention_mask, position_ids, cache, temperature, config.think_threshold
+            self, input_ids, attention_mask, position_ids, cache, thought_temperature, self.config.think_threshold
         )
         if thought_trace is not None:
             thought_trace.record(step.thought)
@@ -330,24 +369,31 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             base_logits=step.base_logits[:, None],
             mixing_weights=step.thought.mixing_weight[:, None, None],
             thought_ids=step.thought.thought_ids[:, None, None],
-            past_key_values=cache,
+            cache=cache,
         )
 
     def text_pass(
-        self, input_ids: Tensor, attention_mask: Tensor | None, chain_length: int, all_hidden_states: bool = False
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        chain_length: int,
+        all_hidden_states: bool = False,
+        n_thoughts: int | None = None,
+        **kwargs,
     ) -> TextPass:
-        """Step 1: the base model over the text (B, L), recording each layer's K/V for the thought passes.
-        `all_hidden_states`: keep every layer's hidden states (else only the last)."""
+        """Step 1: the base model over the text (B, L), recording each layer's K/V for the thought passes of
+        `n_thoughts` chains per position (default: the config's). `all_hidden_states`: keep every layer's hidden
+        states (else only the last). `kwargs` go to the base model."""
         batch, length = input_ids.shape
         kv = ThoughtKV(
-            n_thoughts=self.config.n_thoughts,
+            n_thoughts=self.config.n_thoughts if n_thoughts is None else n_thoughts,
             n_positions=length,
             max_steps=chain_length,
             kernel=thought_attention_kernel(self.config.thought_attention_backend, input_ids.device),
         )
         position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         logits, hidden_states, kv.text = self._checkpointed(
-            self._text_forward, input_ids, attention_mask, position_ids, kv, all_hidden_states
+            self._text_forward, input_ids, attention_mask, position_ids, kv, all_hidden_states, kwargs
         )
         if not kv.text:
             raise RuntimeError(
@@ -357,7 +403,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             )
         return TextPass(input_ids, position_ids, logits, hidden_states, kv)
 
-    def _text_forward(self, input_ids, attention_mask, position_ids, kv: ThoughtKV, all_hidden_states: bool):
+    def _text_forward(self, input_ids, attention_mask, position_ids, kv: ThoughtKV, all_hidden_states: bool, kwargs):
         """The base model over the text -> logits, hidden states (every layer's, or only the last), {layer: (K, V)}.
         Records into a fresh dict, not `kv.text`: under gradient checkpointing this runs again in backward and must not
         touch the live recording."""
@@ -369,6 +415,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache=False,
             output_hidden_states=True,
             quietstar_kv=recording,
+            **kwargs,
         )
         return out.logits, out.hidden_states if all_hidden_states else out.hidden_states[-1:], recording.text
 
@@ -376,12 +423,13 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     def sample_thoughts(self, text: TextPass, temperature: float) -> Tensor:
         """Step 2: sample T tokens after every position, N thoughts each, all positions in parallel.
 
-        Chain step k runs N*L queries at once (one per thought and position); each attends to the text up to its
-        position and its own earlier steps, whose K/V are kept in `text.kv`. Returns thought ids (B, N, L, T).
+        Chain step k runs N*L queries at once (one per thought and position, N = `text.kv.n_thoughts`); each attends
+        to the text up to its position and its own earlier steps, whose K/V are kept in `text.kv`. Returns thought ids
+        (B, N, L, T).
         """
         batch, length = text.input_ids.shape
         start, _ = self.marker_embeddings()
-        step_embeds = start.expand(batch, self.config.n_thoughts, length, 1, -1)  # (B, N, L, 1, H)
+        step_embeds = start.expand(batch, text.kv.n_thoughts, length, 1, -1)  # (B, N, L, 1, H)
         tokens = []
         for step in range(self.config.thought_length):
             logits, _ = self._run_chain(text, step_embeds, step_offset=step, streaming=True)  # (B, N, L, 1, V)
@@ -513,6 +561,37 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             clip_advantage=config.clip_advantage,
         )
 
+    def _check_token_ids(self, input_ids: Tensor | None, labels: Tensor | None, thought_ids: Tensor | None) -> None:
+        """Shapes, dtypes and ranges of the token-id inputs, checked before anything runs (every path)."""
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2:
+            got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise ValueError(f"`input_ids` must be a (batch, length) tensor of token ids, got {got}.")
+        if input_ids.numel() == 0:
+            raise ValueError(
+                f"`input_ids` is empty (shape {tuple(input_ids.shape)}): pass at least one token per row, e.g. the "
+                "tokenizer's bos token for an empty prompt."
+            )
+        vocab_size = self.get_input_embeddings().num_embeddings
+        named = {"input_ids": input_ids, "labels": labels, "thought_ids": thought_ids}
+        for name, ids in named.items():
+            if ids is None:
+                continue
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise ValueError(f"`{name}` must hold integer token ids (torch.long), got dtype {ids.dtype}; use .long().")
+            real = ids[ids != -100] if name == "labels" else ids
+            if real.numel() and (real.min() < 0 or real.max() >= vocab_size):
+                bad = real[(real < 0) | (real >= vocab_size)][0].item()
+                allowed = "-100 (ignored) or " if name == "labels" else ""
+                raise ValueError(
+                    f"`{name}` holds token id {bad}, outside the vocabulary of {vocab_size} tokens: ids must be "
+                    f"{allowed}in [0, {vocab_size}). Use the tokenizer saved with this model (it has the thought tokens)."
+                )
+        if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"`labels` {tuple(labels.shape)} must have the shape of `input_ids` {tuple(input_ids.shape)}: one "
+                "target per input token, unshifted (the model shifts them), -100 where nothing is scored."
+            )
+
     def _check_inputs(self, input_ids, attention_mask, labels, thought_ids) -> None:
         config = self.config
         if None in self.marker_ids:
@@ -520,8 +599,6 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 "the config has no thought token ids. Create the model with `QuietStarForCausalLM.from_base(base, "
                 "tokenizer)`, which adds <|startofthought|> / <|endofthought|> and sets them."
             )
-        if input_ids is None or input_ids.ndim != 2:
-            raise ValueError("`input_ids` must be a (batch, length) tensor of token ids.")
         length = input_ids.shape[1]
         if labels is not None and length < config.lookahead + 1:
             raise ValueError(
@@ -537,15 +614,47 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                     "(tokenizer.padding_side = 'right')."
                 )
         if thought_ids is not None:
-            expected = (input_ids.shape[0], config.n_thoughts, length, config.thought_length)
-            if tuple(thought_ids.shape) != expected:
-                raise ValueError(f"thought_ids must have shape (B, N, L, T) = {expected}, got {tuple(thought_ids.shape)}.")
+            batch, _, _, thought_length = expected = (input_ids.shape[0], "N", length, config.thought_length)
+            shape = tuple(thought_ids.shape)
+            if len(shape) != 4 or shape[0] != batch or shape[2] != length or shape[3] != thought_length or shape[1] < 1:
+                raise ValueError(f"thought_ids must have shape (B, N, L, T) = {expected}, got {shape}.")
         if self.training and labels is not None and config.policy_weight > 0 and config.n_thoughts < 2:
             raise ValueError(
                 "training the thought policy needs n_thoughts >= 2: the REINFORCE baseline is the mean reward over "
                 "the N thoughts of a position, so with one thought every advantage is 0. Set n_thoughts >= 2 "
                 "(or policy_weight=0)."
             )
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The generation cache, under its transformers >= 5.24 name `cache` or its older name `past_key_values`."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache once: as `cache` (transformers >= 5.24) or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
+
+
+def _keep(logits: Tensor, logits_to_keep: int | Tensor) -> Tensor:
+    """(B, L, V) -> the positions `logits_to_keep` selects, as transformers' causal LMs do (0 = all)."""
+    index = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    return logits[:, index]
+
+
+def _check_base(base: PreTrainedModel) -> None:
+    if not getattr(base, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{type(base).__name__} is not supported as a Quiet-STaR base: its attention does not go through "
+            "transformers' AttentionInterface, which the thought passes plug into. Supported: llama, mistral, "
+            "qwen2, qwen3, gemma and the other architectures whose attention uses ALL_ATTENTION_FUNCTIONS."
+        )
+
+
+def _drop_stale_gradients(base: PreTrainedModel) -> None:
+    """After a resize, a `.grad` left by an earlier backward has the old vocabulary size and would break the next
+    backward ("invalid gradient ... [33, 64] vs [31, 64]"): drop it."""
+    for module in (base.get_input_embeddings(), base.get_output_embeddings()):
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.grad is not None and weight.grad.shape != weight.shape:
+            weight.grad = None
 
 
 def _lookahead_index(length: int, lookahead: int, device: torch.device) -> Tensor:

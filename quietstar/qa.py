@@ -318,7 +318,7 @@ def _result(task, model, model_name, data_file, items, thought_temperature, seed
         data_sha256=file_sha256(data_file),
         n_items=len(items),
         settings=dict(
-            thought_temperature=model.config.thought_temperature if thought_temperature is None else thought_temperature,
+            thought_temperature=model.config.inference_thought_temperature if thought_temperature is None else thought_temperature,
             seed=seed,
             n_thoughts=model.config.n_thoughts,
             thought_length=model.config.thought_length,

@@ -5,8 +5,9 @@ One Quiet-STaR forward gives both predictions of every next token: `base_logits`
 scored with the thought markers masked too, so both are distributions over the same vocabulary: the markers are never
 text, and the base model before wrapping had no such tokens.
 
-Thoughts are sampled, so results depend on the thought temperature: evaluations use greedy thoughts
-(`thought_temperature=0`, deterministic) by default, or the model's own temperature under a fixed seed.
+Scoring predicts as the model does in eval mode, with its inference thought policy
+(`config.inference_thought_temperature`, default 0: greedy thoughts, deterministic); `thought_sampling` sets another
+temperature, and the seed, for a block of evaluation.
 """
 
 import contextlib
@@ -31,24 +32,21 @@ class TokenLogProbs:
     hidden: Tensor | None = None
 
 
-# The two config fields that set how thoughts are written: in the parallel forward and in cached generation.
-THOUGHT_TEMPERATURES = ("thought_temperature", "generation_thought_temperature")
-
-
 @contextlib.contextmanager
 def thought_sampling(model: QuietStarForCausalLM, temperature: float | None, seed: int) -> Iterator[None]:
-    """Within the block the model writes thoughts at `temperature` (None: the model's own; 0: greedy), in forward and
-    in `generate()` alike, and the torch RNG starts from `seed`. The config is restored afterwards."""
-    saved = {name: getattr(model.config, name) for name in THOUGHT_TEMPERATURES}
+    """Within the block the model is in eval mode and writes thoughts at `temperature` (None: its own
+    `inference_thought_temperature`; 0: greedy), in forward and in `generate()` alike, and the torch RNG starts from
+    `seed`. The config and the training mode are restored afterwards."""
+    saved, was_training = model.config.inference_thought_temperature, model.training
     if temperature is not None:
-        for name in THOUGHT_TEMPERATURES:
-            setattr(model.config, name, float(temperature))
+        model.config.inference_thought_temperature = float(temperature)
+    model.eval()
     torch.manual_seed(seed)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(model.config, name, value)
+        model.config.inference_thought_temperature = saved
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -60,7 +58,7 @@ def token_log_probs(
     with_hidden: bool = False,
 ) -> TokenLogProbs:
     """Score every next token of `input_ids` (B, L), right-padded, with and without thoughts, in one forward.
-    `thought_temperature`: None = the config's `thought_temperature`."""
+    `thought_temperature`: None = the model's thought policy (eval mode: `inference_thought_temperature`)."""
     input_ids = input_ids.to(model.device)
     attention_mask = attention_mask.to(model.device) if attention_mask is not None else None
     out = model(

@@ -16,14 +16,21 @@ Dimensions: B batch, P new tokens in this call (the prompt at the first step, th
 size, V vocabulary.
 """
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 
 from .mixing import mix_logits
 from .sampling import sample_thought_tokens
+
+
+# The keyword transformers' models take the KV cache under: `cache` from 5.24 on, `past_key_values` before (still
+# accepted there, with a deprecation warning). Read off the installed version rather than compared with a version number.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
 
 
 class ThinkGate(nn.Module):
@@ -74,11 +81,13 @@ class StepResult:
 
 
 def check_cache(cache) -> None:
-    if not isinstance(cache, Cache) or not cache.is_croppable:
+    """Thinking writes T + 2 entries past the text into the cache and drops them with `crop`: it needs a growing,
+    croppable cache. Static caches (fixed length, croppable from transformers 5.24 on) have no room for them."""
+    if not isinstance(cache, Cache) or not cache.is_croppable or cache.is_compileable:
         raise ValueError(
-            f"thinking during generation drops each thought's keys/values with `cache.crop`, which "
-            f"{type(cache).__name__} does not support. Use the default DynamicCache (no `cache_implementation`, no "
-            "static or quantized cache), or generate with `think=False`."
+            f"thinking during generation writes each thought's keys/values past the text and drops them with "
+            f"`cache.crop`, which needs a growing cache; {type(cache).__name__} is not one. Use the default "
+            "DynamicCache (no `cache_implementation`, no static or quantized cache), or generate with `think=False`."
         )
 
 
@@ -123,8 +132,8 @@ def think_next_token(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{CACHE_KWARG: cache},
             output_hidden_states=True,
             logits_to_keep=2,
         )

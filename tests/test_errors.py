@@ -3,7 +3,7 @@
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
-from transformers import BertConfig, BertForMaskedLM, BloomConfig, LlamaConfig, T5Config
+from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM, BloomConfig, LlamaConfig, T5Config
 
 import quietstar
 from conftest import make_model, make_tokenizer, random_text
@@ -110,11 +110,86 @@ def test_policy_training_with_a_single_thought():
         model.train()(ids, labels=ids)
 
 
-def test_unknown_forward_arguments_are_not_silently_ignored():
+def test_a_cache_that_cannot_drop_thoughts_is_refused():
+    model, _ = make_model()
+    with pytest.raises(ValueError, match="DynamicCache"):
+        model(random_text(1, 6), cache=object())
+
+
+# ---- bad input: a ValueError that names the input and the fix, raised before anything changes ---------------------
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, ids: m(ids[:, :0]), "`input_ids` is empty \\(shape \\(1, 0\\)\\).*at least one token"),
+        (lambda m, ids: m(ids[0]), "`input_ids` must be a \\(batch, length\\) tensor"),
+        (lambda m, ids: m(ids.float()), "`input_ids` must hold integer token ids.*\\.long\\(\\)"),
+        (lambda m, ids: m(ids + 100), "`input_ids` holds token id 1\\d\\d, outside the vocabulary of 66 tokens"),
+        (lambda m, ids: m(ids, labels=ids[:, :-1]), "`labels` \\(1, 5\\) must have the shape of `input_ids` \\(1, 6\\)"),
+        (lambda m, ids: m(ids, labels=ids.float()), "`labels` must hold integer token ids"),
+        (lambda m, ids: m(ids, labels=ids * 0 - 5), "`labels` holds token id -5.*-100 \\(ignored\\) or in \\[0, 66\\)"),
+        (lambda m, ids: m(ids, thought_ids=torch.full((1, 2, 6, 3), 70)), "`thought_ids` holds token id 70"),
+    ],
+)
+def test_bad_token_inputs(call, message):
     model, _ = make_model()
     ids = random_text(1, 6)
-    model(ids, return_dict=True, output_attentions=False)  # habitual flags from Trainer/PEFT are accepted
-    with pytest.raises(TypeError, match="inputs_embeds"):
-        model(ids, inputs_embeds=torch.zeros(1, 6, 32))
-    with pytest.raises(ValueError, match="DynamicCache"):
-        model(ids, past_key_values=object())
+    with pytest.raises(ValueError, match=message):
+        call(model.train(), ids)
+
+
+def test_labels_with_ignored_positions_are_fine():
+    model, _ = make_model()
+    ids = random_text(1, 6)
+    labels = ids.clone()
+    labels[:, :2] = -100
+    assert torch.isfinite(model.train()(ids, labels=labels).loss)
+
+
+def _words_tokenizer(words, unk_token):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=unk_token) if unk_token else models.WordLevel(vocab))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **({"unk_token": unk_token} if unk_token else {}))
+
+
+@pytest.mark.parametrize(
+    "first_word, unk_token",
+    [("<unk>", "<unk>"), ("<unk>", None), ("w63", None)],
+    ids=["dashes-unknown", "unk-not-declared", "encoding-fails"],
+)
+def test_tokenizer_without_dashes_falls_back_to_the_mean_embedding_with_a_warning(first_word, unk_token):
+    words = [first_word] + [f"w{i}" for i in range(63)]  # no "---"
+    base = AutoModelForCausalLM.from_config(LlamaConfig(**{**TEXT.to_dict(), "vocab_size": 64}))
+    with pytest.warns(UserWarning, match="'---'.*mean input embedding"):
+        model, tokenizer = quietstar.QuietStarForCausalLM.from_base(base, _words_tokenizer(words, unk_token))
+    expected = base.get_input_embeddings().weight.float().mean(dim=0)
+    torch.testing.assert_close(model.marker_embeddings()[0].float(), expected)
+    assert len(tokenizer) == 66
+
+
+def test_from_base_changes_nothing_before_an_error():
+    tokenizer = make_tokenizer()
+    base = make_model()[0].model
+    base.resize_token_embeddings(64)
+    vocab_before, rows_before = dict(tokenizer.get_vocab()), base.get_input_embeddings().weight.shape[0]
+    for fields in (dict(thought_length=0), dict(n_thoughts=-1), dict(thought_attention_backend="cuda")):
+        with pytest.raises((ValueError, StrictDataclassClassValidationError)):
+            quietstar.QuietStarForCausalLM.from_base(base, tokenizer, **fields)
+    assert tokenizer.get_vocab() == vocab_before and base.get_input_embeddings().weight.shape[0] == rows_before
+
+
+def test_from_base_after_a_backward_on_the_base():
+    """A two-stage pipeline trains the base, then wraps it: the resized embedding's old .grad must not break the
+    next backward."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(**{**TEXT.to_dict(), "vocab_size": 64}))
+    ids = random_text(1, 8)
+    base(ids, labels=ids).loss.backward()
+    model, _ = quietstar.QuietStarForCausalLM.from_base(base, make_tokenizer(), thought_length=2, lookahead=2)
+    model.train()(ids, labels=ids).loss.backward()
+    assert model.get_input_embeddings().weight.grad.shape == model.get_input_embeddings().weight.shape

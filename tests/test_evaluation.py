@@ -187,4 +187,4 @@ def test_thought_sampling_sets_the_thought_temperature_of_generate_too():
     torch.manual_seed(3)
     assert torch.equal(inside, thoughts(thought_temperature=2.0))
     assert not torch.equal(inside, greedy)
-    assert model.config.generation_thought_temperature == 0.0 and model.config.thought_temperature == 1.0
+    assert model.config.inference_thought_temperature == 0.0 and model.config.thought_temperature == 1.0

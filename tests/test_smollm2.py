@@ -68,7 +68,7 @@ def test_round_trip_keeps_trained_thought_embeddings(smollm2, question_ids, tmp_
     reloaded = quietstar.QuietStarForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(reloaded.thought_embeddings, model.thought_embeddings)
     outputs = []
-    for m in (model, reloaded):
+    for m in (model.eval(), reloaded):  # eval mode: the same (greedy) thought policy in both
         torch.manual_seed(0)
         with torch.no_grad():
             outputs.append(m(question_ids, labels=question_ids))

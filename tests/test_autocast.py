@@ -1,0 +1,73 @@
+"""Low precision through the whole model: a training step under CPU autocast (bf16, fp16) over fp32 weights, and
+with bf16 weights, for the torch backend and the Triton backend (interpreter on CPU).
+
+Under autocast, rotary embeddings hand back fp32 q/k while v is in the autocast dtype; the thought attention brings
+them to one dtype. Rule, as for the kernels: with the fp32 step as the truth, the Triton step's error is at most
+twice the torch step's error in the same precision, plus a rounding-level allowance."""
+
+import contextlib
+
+import pytest
+import torch
+
+from conftest import make_model, random_text
+from quietstar.attention import to_attention_dtype
+
+ROUNDING = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def training_step(backend: str, autocast_dtype=None, weight_dtype=torch.float32, thought_ids=None):
+    model, _ = make_model("qwen2", thought_length=2, n_thoughts=2, lookahead=2, policy_weight=1.0,
+                          thought_attention_backend=backend)
+    model.to(weight_dtype).train()
+    ids = random_text(2, 7)
+    context = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    torch.manual_seed(0)
+    with context:
+        out = model(ids, labels=ids, thought_ids=thought_ids)
+    out.loss.backward()
+    grad = model.mixing_head.out.weight.grad
+    return out, grad.float()
+
+
+@pytest.fixture(scope="module")
+def truth():
+    """The fp32 step, and its thoughts, which every low-precision step re-scores (so thoughts do not differ)."""
+    out, grad = training_step("torch")
+    return out, grad
+
+
+def within_rule(value, reference, truth, dtype):
+    finite = torch.isfinite(truth)  # the masked marker tokens are -inf in every run
+    assert torch.equal(finite, torch.isfinite(value)) and torch.equal(finite, torch.isfinite(reference))
+    error, reference_error = (value - truth)[finite].abs().max(), (reference - truth)[finite].abs().max()
+    return error <= 2 * reference_error + ROUNDING[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_training_step_under_autocast_triton_matches_torch(truth, dtype):
+    truth_out, truth_grad = truth
+    steps = {b: training_step(b, autocast_dtype=dtype, thought_ids=truth_out.thought_ids) for b in ("torch", "triton")}
+    (torch_out, torch_grad), (triton_out, triton_grad) = steps["torch"], steps["triton"]
+    for out, grad in steps.values():
+        assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert within_rule(triton_out.loss.float(), torch_out.loss.float(), truth_out.loss, dtype)
+    assert within_rule(triton_out.logits.float(), torch_out.logits.float(), truth_out.logits, dtype)
+    assert within_rule(triton_grad, torch_grad, truth_grad, dtype)
+
+
+def test_training_step_with_bf16_weights_triton_matches_torch(truth):
+    truth_out, truth_grad = truth
+    steps = {b: training_step(b, weight_dtype=torch.bfloat16, thought_ids=truth_out.thought_ids) for b in ("torch", "triton")}
+    (torch_out, torch_grad), (triton_out, triton_grad) = steps["torch"], steps["triton"]
+    assert torch_out.loss.dtype == torch.float32  # the loss is reduced in fp32 whatever the weights
+    assert within_rule(triton_out.loss, torch_out.loss, truth_out.loss, torch.bfloat16)
+    assert within_rule(triton_grad, torch_grad, truth_grad, torch.bfloat16)
+
+
+def test_attention_dtype_follows_autocast_else_promotes():
+    q, k = torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float32)
+    v = torch.zeros(2, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in to_attention_dtype(q, k, v)} == {torch.bfloat16}
+    assert {t.dtype for t in to_attention_dtype(q, k, v)} == {torch.float32}
