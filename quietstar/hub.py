@@ -82,7 +82,8 @@ def model_card(
         license=license,
         tags=TAGS,
     )
-    fields = ("thought_length", "n_thoughts", "lookahead", "thought_temperature", "policy_weight", "base_loss_weight",
+    fields = ("thought_length", "n_thoughts", "lookahead", "thought_temperature", "inference_thought_temperature",
+              "policy_weight", "base_loss_weight",
               "mixed_loss_weight", "thought_embedding_scale")
     settings = "\n".join(f"| `{name}` | {getattr(config, name)} |" for name in fields)
     settings += f"\n| base architecture | `{config.text_config.model_type}` |"

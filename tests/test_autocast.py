@@ -1,5 +1,5 @@
-"""Low precision through the whole model: a training step under CPU autocast (bf16, fp16) over fp32 weights, and
-with bf16 weights, for the torch backend and the Triton backend (interpreter on CPU).
+"""Low precision through the whole model: a training step under autocast (bf16, fp16) over fp32 weights, and with
+bf16 weights, for the torch backend and the Triton backend (interpreter on CPU; on CUDA when there is a GPU).
 
 Under autocast, rotary embeddings hand back fp32 q/k while v is in the autocast dtype; the thought attention brings
 them to one dtype. Rule, as for the kernels: with the fp32 step as the truth, the Triton step's error is at most
@@ -13,15 +13,16 @@ import torch
 from conftest import make_model, random_text
 from quietstar.attention import to_attention_dtype
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # benchmarks/gpu_check.sh runs this file on a GPU
 ROUNDING = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 def training_step(backend: str, autocast_dtype=None, weight_dtype=torch.float32, thought_ids=None):
     model, _ = make_model("qwen2", thought_length=2, n_thoughts=2, lookahead=2, policy_weight=1.0,
                           thought_attention_backend=backend)
-    model.to(weight_dtype).train()
-    ids = random_text(2, 7)
-    context = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    model.to(DEVICE, weight_dtype).train()
+    ids = random_text(2, 7).to(DEVICE)
+    context = torch.autocast(DEVICE, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     torch.manual_seed(0)
     with context:
         out = model(ids, labels=ids, thought_ids=thought_ids)
@@ -66,8 +67,8 @@ def test_training_step_with_bf16_weights_triton_matches_torch(truth):
 
 
 def test_attention_dtype_follows_autocast_else_promotes():
-    q, k = torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float32)
-    v = torch.zeros(2, dtype=torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    q, k = torch.zeros(2, dtype=torch.float32, device=DEVICE), torch.zeros(2, dtype=torch.float32, device=DEVICE)
+    v = torch.zeros(2, dtype=torch.bfloat16, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         assert {t.dtype for t in to_attention_dtype(q, k, v)} == {torch.bfloat16}
     assert {t.dtype for t in to_attention_dtype(q, k, v)} == {torch.float32}

@@ -54,6 +54,22 @@ def test_kernel_error_within_twice_the_low_precision_reference_error(shape, dtyp
         )
 
 
+REAL_SIZES = {
+    # the paper's settings on a 7B-like layer: L = 2048 text positions, S = 16 chain steps, GQA 32/8, D = 128
+    "paper_7b_layer": (1, 2, 32, 8, 2048, 16, 16, 128, 0),
+    "streaming_step": (1, 2, 32, 8, 2048, 1, 16, 128, 15),
+    "smollm2_layer": (2, 2, 9, 3, 1024, 16, 16, 64, 0),
+}
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real sizes: too slow for the interpreter; benchmarks/gpu_check.sh runs them")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", sorted(REAL_SIZES))
+def test_kernel_at_real_sizes(shape, dtype, monkeypatch):
+    monkeypatch.setitem(SHAPES, shape, REAL_SIZES[shape])
+    test_kernel_error_within_twice_the_low_precision_reference_error(shape, dtype)
+
+
 def test_strided_inputs_equal_contiguous_ones():
     """Strided views (as the model passes them) give the same result as contiguous copies."""
     generator = torch.Generator().manual_seed(1)
