@@ -6,10 +6,12 @@ the next tokens from a mix of the base prediction and the post-thought one. `for
     1. text_pass        the base LM over the text: base logits and hidden states; each layer's K/V is recorded.
     2. sample_thoughts  T thought tokens for all L positions and N thoughts at once, step by step, without gradient.
     3. thought_pass     ONE teacher-forced pass, with gradient, over every chain
-                        [SoT, t_1 .. t_T, EoT, x_{i+1} .. x_{i+A-1}]: the policy's logits for t_1 .. t_T and the
-                        post-thought predictions of x_{i+1} .. x_{i+A}.
-    4. mixing head      w from (base hidden, post-thought hidden); logits_mixed = (1 - w) base + w thought.
-    5. objective        (labels given) base NLL + mixed NLL + REINFORCE (see objective.py).
+                        [SoT, t_1 .. t_T, EoT, x_{i+1} .. x_{i+A-1}]: the states that predict t_1 .. t_T (policy)
+                        and x_{i+1} .. x_{i+A} (post-thought); hidden states only, no logits.
+    4. mixing head      w from (base hidden, post-thought hidden); logits_mixed = (1 - w) base + w thought,
+                        computed on hidden states before the (linear) output head (output_head.py).
+    5. objective        (labels given) base NLL + mixed NLL + REINFORCE (see objective.py), from per-token
+                        log-probabilities computed chunk by chunk: no vocabulary-sized tensor per chain token.
 
 With a KV cache (`generate()`), forward is instead one decoding step that thinks at the newest position only and
 crops the thought out of the cache again (see thinking.py).
@@ -22,14 +24,12 @@ S = T + A + 1 chain steps, H hidden size, V vocabulary.
 """
 
 import copy
-import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -37,9 +37,17 @@ from transformers.utils import ModelOutput
 
 from .attention import ATTN_IMPLEMENTATION, ThoughtKV, register_quietstar_attention, thought_attention_kernel
 from .configuration_quietstar import QuietStarConfig
-from .mixing import INITIAL_MIXING_LOGIT, MixingHead, MixingLogit, mix_logits
-from .objective import quietstar_loss
-from .sampling import sample_thought_tokens, thought_log_probs
+from .mixing import INITIAL_MIXING_LOGIT, MixingHead, MixingLogit
+from .objective import LookaheadTargets, lookahead_index, quietstar_loss
+from .output_head import (
+    CHUNK_ROWS,
+    OutputHead,
+    logits_token_log_probs,
+    mixed_next_token_log_probs,
+    mixed_token_log_probs,
+    sample_tokens,
+    token_log_probs,
+)
 from .thinking import CACHE_KWARG, ThinkGate, ThoughtTrace, think_next_token
 from .thought_tokens import add_thought_tokens, initial_thought_embedding, thought_init_token_ids
 
@@ -104,29 +112,37 @@ class TextPass:
 
 @dataclass
 class ThoughtPass:
-    """The teacher-forced pass over every chain.
+    """The teacher-forced pass over every chain: final-layer states only, never vocabulary-sized tensors.
 
-    policy_logits: (B, N, L, T, V) logits at chain steps 0 .. T-1, which predict t_1 .. t_T (None if not asked).
-    logits: (B, N, L, A, V) post-thought predictions of x_{i+1} .. x_{i+A} (chain steps T+1 .. T+A).
-    hidden: (B, N, L, A, H) final-layer states at those steps.
+    policy_hidden: (B, N, L, T, H) states at chain steps 0 .. T-1, which predict t_1 .. t_T (None if not asked).
+    hidden: (B, N, L, A, H) states at chain steps T+1 .. T+A, the post-thought predictions of x_{i+1} .. x_{i+A}.
+    head: the base model's output head, which turns states into logits.
     """
 
-    policy_logits: Tensor | None
-    logits: Tensor
+    policy_hidden: Tensor | None
     hidden: Tensor
+    head: OutputHead
+
+    def policy_logits(self) -> Tensor:
+        """(B, N, L, T, V) the policy's logits; materialised in full, for tests and inspection only."""
+        return self.head.logits(self.policy_hidden)
+
+    def logits(self) -> Tensor:
+        """(B, N, L, A, V) the post-thought logits; materialised in full, for tests and inspection only."""
+        return self.head.logits(self.hidden)
 
 
 class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = QuietStarConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = True  # whole passes, not layers: see `_set_gradient_checkpointing`
-    gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # the base's decoder layers, in the text pass and the thought passes
     _no_split_modules = []
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _tied_weights_keys = {}  # the wrapped model declares its own; post_init prefixes them
     _supports_sdpa = True
     _supports_attention_backend = True
     accepts_loss_kwargs = False  # the loss is a per-batch mean: let Trainer divide by gradient-accumulation steps
+    log_prob_chunk_rows = CHUNK_ROWS  # tokens whose vocabulary-sized logits exist at once (output_head.py)
 
     def __init__(self, config: QuietStarConfig, base_model: PreTrainedModel | None = None):
         config._attn_implementation = ATTN_IMPLEMENTATION  # propagates to text_config: thoughts need this backend
@@ -302,19 +318,19 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             return QuietStarCausalLMOutput(logits=logits, base_logits=logits, hidden_states=hidden_states)
         if thought_ids is None:
             thought_ids = self.sample_thoughts(text, temperature)
-        thoughts = self.thought_pass(text, thought_ids, lookahead, with_policy_logits=needs_policy)
-
-        ahead = _lookahead_index(input_ids.shape[1], lookahead, input_ids.device)  # (L, A): position i + s
-        base_logits_ahead = text.logits[:, ahead].unsqueeze(1)  # (B, 1, L, A, V)
-        weights = self.mixing_head(text.hidden[:, ahead].unsqueeze(1).expand_as(thoughts.hidden), thoughts.hidden)
-        mixed_logits = mix_logits(base_logits_ahead, thoughts.logits, weights)  # (B, N, L, A, V)
+        thoughts = self.thought_pass(text, thought_ids, lookahead, with_policy=needs_policy)
+        ahead = lookahead_index(input_ids.shape[1], lookahead, input_ids.device)  # (L, A): position i + s
+        base_hidden = text.hidden[:, ahead].unsqueeze(1).expand_as(thoughts.hidden)  # (B, N, L, A, H)
+        weights = self.mixing_head(base_hidden, thoughts.hidden)  # (B, N, L, A)
 
         loss_parts = None
         if labels is not None:
-            loss_parts = self._objective(text, thoughts, thought_ids, mixed_logits, labels, attention_mask, temperature)
+            loss_parts = self._objective(text, thoughts, thought_ids, base_hidden, weights, labels, attention_mask, temperature)
+        # A training step needs no full-vocabulary prediction: it would cost N * B * L * V floats for nothing.
+        predicting = not (self.training and labels is not None)
         return QuietStarCausalLMOutput(
             loss=loss_parts.loss if loss_parts else None,
-            logits=_keep(self._next_token_log_probs(mixed_logits[..., 0, :]), logits_to_keep),
+            logits=self._predict_next_token(text, thoughts, weights, logits_to_keep) if predicting else None,
             base_logits=_keep(text.logits, logits_to_keep),
             mixing_weights=weights[..., 0],
             thought_ids=thought_ids,
@@ -392,8 +408,14 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             kernel=thought_attention_kernel(self.config.thought_attention_backend, input_ids.device),
         )
         position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-        logits, hidden_states, kv.text = self._checkpointed(
-            self._text_forward, input_ids, attention_mask, position_ids, kv, all_hidden_states, kwargs
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_hidden_states=True,
+            quietstar_kv=kv,  # the attention layers record their K/V into kv.text
+            **kwargs,
         )
         if not kv.text:
             raise RuntimeError(
@@ -401,51 +423,36 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 "through transformers' AttentionInterface (unsupported base), or attn_implementation was changed. "
                 f"Use a base whose attention layers call ALL_ATTENTION_FUNCTIONS and attn_implementation='{ATTN_IMPLEMENTATION}'."
             )
-        return TextPass(input_ids, position_ids, logits, hidden_states, kv)
-
-    def _text_forward(self, input_ids, attention_mask, position_ids, kv: ThoughtKV, all_hidden_states: bool, kwargs):
-        """The base model over the text -> logits, hidden states (every layer's, or only the last), {layer: (K, V)}.
-        Records into a fresh dict, not `kv.text`: under gradient checkpointing this runs again in backward and must not
-        touch the live recording."""
-        recording = replace(kv, text={})
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            output_hidden_states=True,
-            quietstar_kv=recording,
-            **kwargs,
-        )
-        return out.logits, out.hidden_states if all_hidden_states else out.hidden_states[-1:], recording.text
+        hidden_states = out.hidden_states if all_hidden_states else out.hidden_states[-1:]
+        return TextPass(input_ids, position_ids, out.logits, hidden_states, kv)
 
     @torch.no_grad()
     def sample_thoughts(self, text: TextPass, temperature: float) -> Tensor:
         """Step 2: sample T tokens after every position, N thoughts each, all positions in parallel.
 
         Chain step k runs N*L queries at once (one per thought and position, N = `text.kv.n_thoughts`); each attends
-        to the text up to its position and its own earlier steps, whose K/V are kept in `text.kv`. Returns thought ids
-        (B, N, L, T).
+        to the text up to its position and its own earlier steps, whose K/V are kept in `text.kv`. Tokens are drawn
+        from the output head chunk by chunk (output_head.sample_tokens). Returns thought ids (B, N, L, T).
         """
         batch, length = text.input_ids.shape
         start, _ = self.marker_embeddings()
+        head = OutputHead.of(self.model)
         step_embeds = start.expand(batch, text.kv.n_thoughts, length, 1, -1)  # (B, N, L, 1, H)
         tokens = []
         for step in range(self.config.thought_length):
-            logits, _ = self._run_chain(text, step_embeds, step_offset=step, streaming=True)  # (B, N, L, 1, V)
-            token = sample_thought_tokens(logits[..., 0, :], temperature, self.marker_ids)
+            hidden = self._run_chain(text, step_embeds, step_offset=step, streaming=True)  # (B, N, L, 1, H)
+            token = sample_tokens(head, hidden[..., 0, :], temperature, self.marker_ids, self.log_prob_chunk_rows)
             tokens.append(token)  # (B, N, L)
             step_embeds = self.get_input_embeddings()(token).unsqueeze(-2)
         return torch.stack(tokens, dim=-1)
 
-    def thought_pass(
-        self, text: TextPass, thought_ids: Tensor, lookahead: int, with_policy_logits: bool = True
-    ) -> ThoughtPass:
-        """Step 3: one teacher-forced pass over every chain [SoT, t_1..t_T, EoT, x_{i+1}..x_{i+A-1}] (B, N, L, S)."""
+    def thought_pass(self, text: TextPass, thought_ids: Tensor, lookahead: int, with_policy: bool = True) -> ThoughtPass:
+        """Step 3: one teacher-forced pass over every chain [SoT, t_1..t_T, EoT, x_{i+1}..x_{i+A-1}] (B, N, L, S).
+        `with_policy`: also keep the states that predict the thought tokens (for the REINFORCE term)."""
         batch, n_thoughts, length, thought_length = thought_ids.shape
         start, end = self.marker_embeddings()
         embed = self.get_input_embeddings()
-        true_next = text.input_ids[:, _lookahead_index(length, lookahead, thought_ids.device)[:, 1:]]  # (B, L, A-1)
+        true_next = text.input_ids[:, lookahead_index(length, lookahead, thought_ids.device)[:, 1:]]  # (B, L, A-1)
         chain = torch.cat(
             [
                 start.expand(batch, n_thoughts, length, 1, -1),
@@ -455,106 +462,72 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             ],
             dim=3,
         )  # (B, N, L, S, H)
-        policy_steps = list(range(thought_length)) if with_policy_logits else []
-        ahead_steps = list(range(thought_length + 1, thought_length + 1 + lookahead))  # EoT .. x_{i+A-1}
-        logits, hidden = self._checkpointed(self._run_chain, text, chain, 0, False, policy_steps + ahead_steps)
-        n_policy = len(policy_steps)
+        hidden = self._run_chain(text, chain, step_offset=0)
+        head = OutputHead.of(self.model)
+        head.check(text.hidden[:, -1].detach(), text.logits[:, -1].detach())  # one row: cheap, and catches unknown heads
         return ThoughtPass(
-            policy_logits=logits[..., :n_policy, :] if with_policy_logits else None,
-            logits=logits[..., n_policy:, :],
-            hidden=hidden[..., thought_length + 1 :, :],
+            policy_hidden=hidden[..., :thought_length, :] if with_policy else None,
+            hidden=hidden[..., thought_length + 1 :, :],  # EoT .. x_{i+A-1}: the predictions of x_{i+1} .. x_{i+A}
+            head=head,
         )
 
-    def _run_chain(
-        self,
-        text: TextPass,
-        embeds: Tensor,
-        step_offset: int,
-        streaming: bool = False,
-        keep_steps: list[int] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Run chain steps step_offset .. step_offset+Sq-1 of every (thought, position) through the base model.
-
-        embeds (B, N, L, Sq, H) -> logits (B, N, L, len(keep_steps) or Sq, V), hidden (B, N, L, Sq, H).
+    def _run_chain(self, text: TextPass, embeds: Tensor, step_offset: int, streaming: bool = False) -> Tensor:
+        """Run chain steps step_offset .. step_offset+Sq-1 of every (thought, position) through the base model's
+        decoder (no output head): embeds (B, N, L, Sq, H) -> final-layer states (B, N, L, Sq, H).
         The chains are laid out "(n l s)" along the sequence axis; attention follows the thought pattern.
         """
         batch, n_thoughts, length, n_steps, _ = embeds.shape
         steps = torch.arange(step_offset, step_offset + n_steps, device=embeds.device)
         position_ids = text.position_ids[:, None, :, None] + 1 + steps  # (B, 1, L, Sq): step s of i at i + 1 + s
         position_ids = position_ids.expand(batch, n_thoughts, length, n_steps)
-        logits_to_keep = 0  # all
-        if keep_steps is not None:
-            chains = torch.arange(n_thoughts * length, device=embeds.device)[:, None] * n_steps
-            logits_to_keep = (chains + torch.tensor(keep_steps, device=embeds.device)).flatten()
-        out = self.model(
+        out = self.model.get_decoder()(
             inputs_embeds=rearrange(embeds, "b n l s h -> b (n l s) h"),
             position_ids=rearrange(position_ids, "b n l s -> b (n l s)"),
             # 4-D masks pass transformers' mask builders untouched; the thought attention is structural and ignores it.
             attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=embeds.device),
             use_cache=False,
-            output_hidden_states=True,
-            logits_to_keep=logits_to_keep,
             quietstar_kv=text.kv.at(step_offset, streaming=streaming),
         )
-        layout = dict(n=n_thoughts, l=length)
-        logits = rearrange(out.logits, "b (n l s) v -> b n l s v", **layout)
-        hidden = rearrange(out.hidden_states[-1], "b (n l s) h -> b n l s h", **layout)
-        return logits, hidden
+        return rearrange(out.last_hidden_state, "b (n l s) h -> b n l s h", n=n_thoughts, l=length)
 
-    # ---- gradient checkpointing ----------------------------------------------------------------------------------------
-    # transformers checkpoints each decoder layer, which drops the K/V the text pass records for the thought passes.
-    # Here the inner layers are left alone and the two passes with gradient (text pass, teacher-forced thought pass)
-    # are checkpointed whole: their activations are recomputed in backward, the recorded text K/V are kept.
+    # ---- prediction and objective ------------------------------------------------------------------------------------
 
-    def _set_gradient_checkpointing(
-        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
-    ) -> None:
-        """Called by `activation_checkpointing_enable` (and Trainer's `activation_checkpointing=True`)."""
-        self.gradient_checkpointing = enable
-        self._gradient_checkpointing_func = gradient_checkpointing_func
+    def _predict_next_token(
+        self, text: TextPass, thoughts: ThoughtPass, weights: Tensor, logits_to_keep: int | Tensor
+    ) -> Tensor:
+        """Step 4 for output: (B, L', V) log-probabilities of x_{i+1} after thinking, the N thoughts' mixed
+        predictions averaged in probability space, markers masked; only the `logits_to_keep` positions L'."""
+        base_hidden = _keep(text.hidden, logits_to_keep)  # (B, L', H)
+        thought_hidden = _keep(thoughts.hidden[..., 0, :].flatten(0, 1), logits_to_keep)  # (B*N, L', H)
+        thought_hidden = thought_hidden.unflatten(0, thoughts.hidden.shape[:2])
+        weight = _keep(weights[..., 0].flatten(0, 1), logits_to_keep).unflatten(0, weights.shape[:2])
+        return mixed_next_token_log_probs(thoughts.head, base_hidden, thought_hidden, weight, self.marker_ids)
 
-    def _checkpointed(self, function, *args):
-        """`function(*args)`, through the checkpoint function when checkpointing is on and gradients are recorded."""
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return self._gradient_checkpointing_func(function, *args)
-        return function(*args)
-
-    # ---- mixing and objective ----------------------------------------------------------------------------------------
-
-    def _next_token_log_probs(self, mixed_logits: Tensor) -> Tensor:
-        """(B, N, L, V) mixed logits per thought -> (B, L, V) log of the thoughts' mean probability, markers masked."""
-        mixed_logits = mixed_logits.clone()
-        mixed_logits[..., list(self.marker_ids)] = float("-inf")
-        return torch.logsumexp(mixed_logits.log_softmax(dim=-1), dim=1) - math.log(mixed_logits.shape[1])
-
-    def _objective(self, text, thoughts, thought_ids, mixed_logits, labels, attention_mask, temperature):
-        """Step 5: per-token log-probabilities and masks -> `quietstar_loss`."""
-        config = self.config
-        length, lookahead = labels.shape[1], mixed_logits.shape[-2]
-        valid = labels != -100
-        if attention_mask is not None:
-            valid = valid & attention_mask.bool()
-        # targets[b, i, s] = x_{i+1+s}, predicted by the base model at position i + s
-        ahead = _lookahead_index(length, lookahead, labels.device)  # (L, A) i + s, clamped
-        target_index = torch.arange(1, length + 1, device=labels.device)[:, None] + torch.arange(lookahead, device=labels.device)
-        in_range = target_index < length
-        target_index = target_index.clamp(max=length - 1)
-        targets = labels[:, target_index].clamp(min=0)  # (B, L, A); -100 -> 0, masked below
-        target_valid = valid[:, target_index] & in_range
+    def _objective(self, text, thoughts, thought_ids, base_hidden, weights, labels, attention_mask, temperature):
+        """Step 5: per-token log-probabilities (chunked over the vocabulary, output_head.py) -> `quietstar_loss`.
+        The marker tokens are masked in every distribution, as in inference."""
+        config, chunk_rows = self.config, self.log_prob_chunk_rows
+        length, lookahead = labels.shape[1], weights.shape[-1]
+        targets = LookaheadTargets.build(labels, attention_mask, lookahead)
         next_labels = torch.cat([labels[:, 1:], labels[:, :1]], dim=1).clamp(min=0)  # last column: never valid
-        base_log_probs = _token_log_probs(text.logits, next_labels)[:, ahead]  # (B, L, A)
-        mixed_log_probs = _token_log_probs(mixed_logits, targets.unsqueeze(1))  # (B, N, L, A)
+        base_log_probs = logits_token_log_probs(text.logits, next_labels, banned_ids=self.marker_ids, chunk_rows=chunk_rows)
+        base_log_probs = base_log_probs[:, lookahead_index(length, lookahead, labels.device)]  # (B, L, A)
+        mixed_log_probs = mixed_token_log_probs(  # (B, N, L, A)
+            thoughts.head, base_hidden, thoughts.hidden, weights, targets.targets.unsqueeze(1).expand_as(weights),
+            banned_ids=self.marker_ids, chunk_rows=chunk_rows,
+        )
         policy_log_probs = None
-        if thoughts.policy_logits is not None:
-            policy_log_probs = thought_log_probs(
-                thoughts.policy_logits, thought_ids, temperature, self.marker_ids
+        if thoughts.policy_hidden is not None:  # (B, N, L, T): log pi(t_k) at the sampling temperature
+            policy_log_probs = token_log_probs(
+                thoughts.head, thoughts.policy_hidden, thought_ids, temperature=temperature,
+                banned_ids=self.marker_ids, chunk_rows=chunk_rows,
             )
         return quietstar_loss(
             base_log_probs,
             mixed_log_probs,
             policy_log_probs,
-            base_mask=target_valid[..., 0],
-            thought_mask=target_valid.all(dim=-1),
+            base_mask=targets.base_mask,
+            thought_mask=targets.thought_mask,
             base_loss_weight=config.base_loss_weight,
             mixed_loss_weight=config.mixed_loss_weight,
             policy_weight=config.policy_weight,
@@ -655,17 +628,6 @@ def _drop_stale_gradients(base: PreTrainedModel) -> None:
         weight = getattr(module, "weight", None)
         if weight is not None and weight.grad is not None and weight.grad.shape != weight.shape:
             weight.grad = None
-
-
-def _lookahead_index(length: int, lookahead: int, device: torch.device) -> Tensor:
-    """(L, A) index i + s of the text position that predicts x_{i+1+s}, clamped to L-1 (those are masked out)."""
-    return (torch.arange(length, device=device)[:, None] + torch.arange(lookahead, device=device)).clamp(max=length - 1)
-
-
-def _token_log_probs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log softmax(logits)[token] without materialising the log-softmax. logits (..., V), tokens (...) -> (...)."""
-    logits = logits.float()
-    return logits.gather(-1, tokens.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
 __all__ = ["QuietStarForCausalLM", "QuietStarCausalLMOutput", "TextPass", "ThoughtPass"]

@@ -12,6 +12,10 @@ thoughts that beat their siblings. Like nanochat's RL, this is plain on-policy R
 
     loss = base_loss_weight * nll_base + mixed_loss_weight * nll_mixed + policy_weight * policy_loss
 
+The targets live here too: which text position predicts which true token (`lookahead_index`), the true tokens
+after each position and which of them count (`LookaheadTargets`): the one place the forward, the loss and the
+rewards take them from.
+
 Dimensions: B batch, N thoughts per position, L positions, A lookahead tokens, T thought tokens.
 """
 
@@ -19,6 +23,43 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+def lookahead_index(length: int, lookahead: int, device: torch.device) -> Tensor:
+    """(L, A) index i + s: the text position whose base prediction is of x_{i+1+s}, and (for s >= 1) the position of
+    the true token x_{i+s} teacher-forced into the chain of position i. Clamped to L - 1 (those entries are masked)."""
+    return (torch.arange(length, device=device)[:, None] + torch.arange(lookahead, device=device)).clamp(max=length - 1)
+
+
+@dataclass
+class LookaheadTargets:
+    """targets (B, L, A): x_{i+1+s}, the tokens scored after the thought at position i (ids >= 0; ignored entries 0);
+    valid (B, L, A): the target exists, is not -100 and not padding."""
+
+    targets: Tensor
+    valid: Tensor
+
+    @classmethod
+    def build(cls, labels: Tensor, attention_mask: Tensor | None, lookahead: int) -> "LookaheadTargets":
+        """From transformers-style labels (B, L) (unshifted, -100 = ignored) and the right-padding mask."""
+        length = labels.shape[1]
+        valid = labels != -100
+        if attention_mask is not None:
+            valid = valid & attention_mask.bool()
+        target_index = lookahead_index(length, lookahead, labels.device) + 1  # (L, A): i + 1 + s
+        in_range = target_index < length
+        target_index = target_index.clamp(max=length - 1)
+        return cls(labels[:, target_index].clamp(min=0), valid[:, target_index] & in_range)
+
+    @property
+    def base_mask(self) -> Tensor:
+        """(B, L) position i has a valid next token x_{i+1} (base NLL)."""
+        return self.valid[..., 0]
+
+    @property
+    def thought_mask(self) -> Tensor:
+        """(B, L) all A lookahead tokens of position i are valid (mixed NLL, REINFORCE)."""
+        return self.valid.all(dim=-1)
 
 
 @dataclass

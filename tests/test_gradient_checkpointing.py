@@ -1,4 +1,5 @@
-"""Gradient checkpointing: whole passes are recomputed in backward, the recorded text K/V survive, gradients match."""
+"""Activation checkpointing of the base's decoder layers, in the text pass and the thought passes: each layer is
+recomputed in backward, the recorded text K/V survive, gradients match."""
 
 import pytest
 import torch
@@ -22,8 +23,8 @@ def test_checkpointing_on_and_off_give_the_same_gradients():
 
     model.activation_checkpointing_enable()
     assert model.is_activation_checkpointing
-    # only the wrapper checkpoints: layer checkpointing would drop the K/V the thought pass reads
-    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in model.model.modules())
+    layers = model.model.get_decoder().layers
+    assert all(layer.gradient_checkpointing for layer in layers)  # per layer, non-reentrant
     loss_checkpointed, grads_checkpointed = _loss_and_grads(model, ids)
 
     assert torch.equal(loss_plain, loss_checkpointed)

@@ -37,7 +37,7 @@ def policy_log_prob(model, input_ids, thought_ids):
     config = model.config
     text = model.text_pass(input_ids, None, config.thought_length + config.lookahead + 1)
     thoughts = model.thought_pass(text, thought_ids, config.lookahead)
-    return thought_log_probs(thoughts.policy_logits, thought_ids, config.thought_temperature, model.marker_ids).sum(-1)
+    return thought_log_probs(thoughts.policy_logits(), thought_ids, config.thought_temperature, model.marker_ids).sum(-1)
 
 
 def test_reinforce_raises_the_log_prob_of_the_rewarded_thought():

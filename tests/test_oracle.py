@@ -40,15 +40,16 @@ def test_thought_pass_equals_plain_model_on_explicit_sequences(arch):
     with torch.no_grad():
         text = model.text_pass(input_ids, None, chain_length=T + A + 1)
         thoughts = model.thought_pass(text, thought_ids, lookahead=A)
+        policy_logits, post_thought_logits = thoughts.policy_logits(), thoughts.logits()
         plain_text = copy.deepcopy(model.model).eval()(input_ids)
         torch.testing.assert_close(text.logits, plain_text.logits, atol=1e-4, rtol=1e-4)
         checked = 0
         for b, n, i, logits, hidden in plain_model_on_explicit_sequences(model, input_ids, thought_ids):
             start = i + 1  # position of <|startofthought|>; its output predicts t_1
-            torch.testing.assert_close(thoughts.policy_logits[b, n, i], logits[start : start + T], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(policy_logits[b, n, i], logits[start : start + T], atol=1e-4, rtol=1e-4)
             after_end = start + T + 1  # position of <|endofthought|>; its output predicts x_{i+1}
             scored = logits.shape[0] - after_end  # lookahead steps that exist in the text
-            torch.testing.assert_close(thoughts.logits[b, n, i, :scored], logits[after_end:], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(post_thought_logits[b, n, i, :scored], logits[after_end:], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(thoughts.hidden[b, n, i, :scored], hidden[after_end:], atol=1e-4, rtol=1e-4)
             checked += scored
     assert checked == 2 * 2 * sum(min(A, 7 - i) for i in range(7))

@@ -51,12 +51,13 @@ def test_thought_pass_equals_the_plain_model(smollm2, question_ids):
     with torch.no_grad():
         text = model.text_pass(question_ids, None, chain_length=6)
         thoughts = model.thought_pass(text, thought_ids, lookahead=2)
+        policy_logits, post_thought_logits = thoughts.policy_logits(), thoughts.logits()
         for b, n, i, logits, hidden in plain_model_on_explicit_sequences(model, question_ids, thought_ids):
             if i % 4:  # a few positions are enough at this size
                 continue
             after_end = i + 1 + 3 + 1
-            torch.testing.assert_close(thoughts.policy_logits[b, n, i], logits[i + 1 : i + 4], atol=2e-4, rtol=1e-4)
-            torch.testing.assert_close(thoughts.logits[b, n, i], logits[after_end:], atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(policy_logits[b, n, i], logits[i + 1 : i + 4], atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(post_thought_logits[b, n, i], logits[after_end:], atol=2e-4, rtol=1e-4)
             torch.testing.assert_close(thoughts.hidden[b, n, i], hidden[after_end:], atol=2e-4, rtol=1e-4)
 
 

@@ -120,7 +120,7 @@ def test_model_with_the_triton_backend_equals_the_torch_backend():
         results.append((out, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
     (torch_out, torch_grads), (triton_out, triton_grads) = results
     assert torch.equal(torch_out.thought_ids, triton_out.thought_ids)
-    for name in ("loss", "logits", "mixing_weights", "rewards"):
+    for name in ("loss", "base_logits", "mixing_weights", "rewards"):
         torch.testing.assert_close(getattr(triton_out, name), getattr(torch_out, name), atol=1e-5, rtol=1e-5)
     assert torch_grads.keys() == triton_grads.keys()
     for name, grad in torch_grads.items():

@@ -1,0 +1,203 @@
+"""The base model's output head as a function of hidden states, and per-token log-probabilities computed from it chunk
+by chunk, so that no vocabulary-sized tensor exists for more than one chunk of tokens at a time.
+
+Because the head is linear, mixing the two predictions in logit space equals mixing the hidden states before it
+(the mixing head's equation, exact up to rounding):
+
+    (1 - w) * (h_base W^T + b) + w * (h_thought W^T + b) = ((1 - w) h_base + w h_thought) W^T + b
+
+so log p_mixed(x) needs only the mixed hidden state. Heads with logit soft-capping (gemma2/3's
+`final_logit_softcapping`: cap * tanh(z / cap)) are not linear; for them the mixing is done on each chunk's logits
+(the same chunking, twice the head work).
+
+Each chunk is recomputed in backward (non-reentrant activation checkpointing), so autograd keeps only the chunk's
+inputs: the saved memory is O(rows * H), not O(rows * V).
+
+Dimensions: R rows (flattened tokens), C rows in a chunk, H hidden size, V vocabulary.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from .sampling import sample_thought_tokens
+
+# Rows per chunk: C * V float32 logits live at a time (1024 x 49152 x 4 B = 192 MiB with SmolLM2's vocabulary).
+CHUNK_ROWS = 1024
+
+
+@dataclass
+class OutputHead:
+    """logits = cap * tanh(scale * (h W^T + b) / cap), the cap only where the base model soft-caps its logits.
+
+    weight: (V, H) the output embedding; bias: (V,) or None; scale: a constant factor some bases apply (cohere's
+    `logit_scale`, granite's 1 / `logits_scaling`); softcap: gemma2/3's `final_logit_softcapping` or None."""
+
+    weight: Tensor
+    bias: Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> "OutputHead":
+        """The head of a transformers causal LM, read from its output embedding and config."""
+        config = model.config
+        head = model.get_output_embeddings()
+        scale = float(getattr(config, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+        return cls(head.weight, head.bias, scale, getattr(config, "final_logit_softcapping", None))
+
+    def check(self, hidden: Tensor, logits: Tensor) -> None:
+        """Raise if this head does not reproduce the base model's own `logits` (..., V) from `hidden` (..., H): a head
+        this class does not know (another nonlinearity or scaling) would silently train a different model."""
+        ours, theirs = self.logits(hidden), logits.float()
+        if not torch.allclose(ours, theirs, rtol=0.05, atol=0.05 * (theirs.abs().max().item() + 1)):
+            raise NotImplementedError(
+                "the base model's output head is not `cap * tanh(scale * (h W^T + b) / cap)` (max difference "
+                f"{(ours - theirs).abs().max().item():.3g}): its logits cannot be computed chunk by chunk from hidden "
+                "states here. Supported: linear heads, with logit_scale / logits_scaling / final_logit_softcapping."
+            )
+
+    @property
+    def linear(self) -> bool:
+        return self.softcap is None
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden (..., H) -> logits (..., V) float32."""
+        logits = F.linear(hidden.to(self.weight.dtype), self.weight, self.bias).float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+def _log_softmax_at(logits: Tensor, targets: Tensor, temperature: float, banned_ids: Sequence[int]) -> Tensor:
+    """(C, V) float32 logits -> log softmax(logits / temperature, banned ids at -inf)[targets], (C,)."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if banned_ids:
+        logits = logits.index_fill(-1, torch.tensor(list(banned_ids), device=logits.device), float("-inf"))
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
+
+
+def _by_chunks(function: Callable[..., Tensor], rows: list[Tensor], chunk_rows: int) -> Tensor:
+    """`function` over row chunks of the (R, ...) tensors in `rows` -> (R,); each chunk recomputed in backward when
+    gradients are recorded (so only its inputs are saved)."""
+    results = []
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in rows)
+    for start in range(0, rows[0].shape[0], chunk_rows):
+        chunk = [t[start : start + chunk_rows] for t in rows]
+        results.append(checkpoint(function, *chunk, use_reentrant=False) if recompute else function(*chunk))
+    return torch.cat(results) if results else rows[0].new_zeros(0, dtype=torch.float32)
+
+
+def token_log_probs(
+    head: OutputHead,
+    hidden: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    banned_ids: Sequence[int] = (),
+    chunk_rows: int = CHUNK_ROWS,
+) -> Tensor:
+    """log softmax(head(hidden) / temperature)[targets] with `banned_ids` removed from the distribution.
+
+    hidden (..., H), targets (...) token ids -> (...) float32. Never holds more than `chunk_rows` rows of logits."""
+    shape = targets.shape
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+
+    def chunk(h: Tensor, t: Tensor) -> Tensor:
+        return _log_softmax_at(head.logits(h), t, temperature, banned_ids)
+
+    return _by_chunks(chunk, [flat_hidden, flat_targets], chunk_rows).reshape(shape)
+
+
+def logits_token_log_probs(
+    logits: Tensor, targets: Tensor, *, banned_ids: Sequence[int] = (), chunk_rows: int = CHUNK_ROWS
+) -> Tensor:
+    """log softmax(logits)[targets] without `banned_ids`, for logits that already exist (the text pass's): (..., V),
+    (...) -> (...) float32, upcast one chunk at a time (no float32 copy of the whole tensor is kept for backward)."""
+    shape = targets.shape
+
+    def chunk(z: Tensor, t: Tensor) -> Tensor:
+        return _log_softmax_at(z.float(), t, 1.0, banned_ids)
+
+    return _by_chunks(chunk, [logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)], chunk_rows).reshape(shape)
+
+
+def mixed_token_log_probs(
+    head: OutputHead,
+    base_hidden: Tensor,
+    thought_hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    banned_ids: Sequence[int] = (),
+    chunk_rows: int = CHUNK_ROWS,
+) -> Tensor:
+    """log p_mixed(targets), p_mixed = softmax((1 - w) z_base + w z_thought) with `banned_ids` removed.
+
+    base_hidden, thought_hidden (..., H), weight (...), targets (...) -> (...) float32. A linear head mixes the hidden
+    states (exact, one head pass); a soft-capped head mixes each chunk's logits."""
+    if head.linear:
+        mixed = base_hidden + weight.unsqueeze(-1).to(thought_hidden.dtype) * (thought_hidden - base_hidden)
+        return token_log_probs(head, mixed, targets, banned_ids=banned_ids, chunk_rows=chunk_rows)
+    shape, size = targets.shape, base_hidden.shape[-1]
+
+    def chunk(h_base: Tensor, h_thought: Tensor, w: Tensor, t: Tensor) -> Tensor:
+        z_base = head.logits(h_base)
+        mixed = z_base + w.float()[:, None] * (head.logits(h_thought) - z_base)
+        return _log_softmax_at(mixed, t, 1.0, banned_ids)
+
+    rows = [base_hidden.reshape(-1, size), thought_hidden.reshape(-1, size), weight.reshape(-1), targets.reshape(-1)]
+    return _by_chunks(chunk, rows, chunk_rows).reshape(shape)
+
+
+def mixed_next_token_log_probs(
+    head: OutputHead, base_hidden: Tensor, thought_hidden: Tensor, weight: Tensor, banned_ids: Sequence[int] = ()
+) -> Tensor:
+    """The prediction after thinking, over the whole vocabulary: base_hidden (B, L, H), thought_hidden (B, N, L, H),
+    weight (B, N, L) -> (B, L, V) log of the N thoughts' mean mixed probability, `banned_ids` at -inf. For output
+    (inference); it holds N * B * L * V floats, so callers pass only the positions they keep."""
+    base_hidden = base_hidden.unsqueeze(1)
+    if head.linear:
+        logits = head.logits(base_hidden + weight.unsqueeze(-1).to(thought_hidden.dtype) * (thought_hidden - base_hidden))
+    else:
+        z_base = head.logits(base_hidden)
+        logits = z_base + weight.float().unsqueeze(-1) * (head.logits(thought_hidden) - z_base)
+    if banned_ids:
+        logits[..., list(banned_ids)] = float("-inf")
+    n_thoughts = logits.shape[1]
+    return torch.logsumexp(logits.log_softmax(dim=-1), dim=1) - math.log(n_thoughts)
+
+
+@torch.no_grad()
+def sample_tokens(
+    head: OutputHead,
+    hidden: Tensor,
+    temperature: float,
+    banned_ids: Sequence[int],
+    chunk_rows: int = CHUNK_ROWS,
+) -> Tensor:
+    """One token per row from softmax(head(hidden) / temperature) without `banned_ids`; temperature 0 = greedy.
+
+    hidden (..., H) -> ids (...). Gumbel-max with independent noise per element and chunk, so a row's sample depends
+    only on its own logits and noise (a thought at position i never depends on text after i)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    ids = [
+        sample_thought_tokens(head.logits(flat[start : start + chunk_rows]), temperature, banned_ids)
+        for start in range(0, flat.shape[0], chunk_rows)
+    ]
+    return torch.cat(ids).reshape(hidden.shape[:-1])
+
+
+__all__ = [
+    "OutputHead", "token_log_probs", "logits_token_log_probs", "mixed_token_log_probs", "mixed_next_token_log_probs",
+    "sample_tokens", "CHUNK_ROWS",
+]

@@ -1,0 +1,161 @@
+"""Chunked per-token log-probabilities from hidden states (output_head.py) against the naive full-vocabulary
+computation: values and gradients, linear and soft-capped heads; and the whole training objective against a naive
+reimplementation over full logits (fp32, 1e-5)."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_model, random_text
+from quietstar.objective import LookaheadTargets, lookahead_index, quietstar_loss
+from quietstar.output_head import (
+    OutputHead,
+    logits_token_log_probs,
+    mixed_token_log_probs,
+    sample_tokens,
+    token_log_probs,
+)
+
+BANNED = (3, 17)
+
+
+def naive_log_probs(logits, targets, temperature=1.0, banned=BANNED):
+    logits = logits.float() / temperature
+    logits[..., list(banned)] = float("-inf")
+    return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def make_head(softcap=None, bias=True):
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 37, bias=bias).double()
+    return OutputHead(linear.weight, linear.bias, scale=1.3, softcap=softcap)
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["linear", "softcap"])
+def test_token_log_probs_equal_the_full_log_softmax_values_and_gradients(softcap):
+    head = make_head(softcap)
+    hidden = torch.randn(2, 3, 5, 12, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 37, (2, 3, 5))
+    targets[targets == 3] = 4  # a banned id is never a target
+    chunked = token_log_probs(head, hidden, targets, temperature=0.7, banned_ids=BANNED, chunk_rows=4)
+    naive = naive_log_probs(head.logits(hidden), targets, temperature=0.7)
+    torch.testing.assert_close(chunked, naive, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(naive)
+    chunked_grads = torch.autograd.grad(chunked, [hidden, head.weight], grad)
+    naive_grads = torch.autograd.grad(naive, [hidden, head.weight], grad)
+    for c, n in zip(chunked_grads, naive_grads):
+        torch.testing.assert_close(c, n, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["linear-mixes-hidden-states", "softcap-mixes-logits"])
+def test_mixed_log_probs_equal_mixing_the_logits(softcap):
+    head = make_head(softcap)
+    base = torch.randn(2, 1, 6, 12, dtype=torch.float64, requires_grad=True).expand(2, 3, 6, 12)
+    thought = torch.randn(2, 3, 6, 12, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(5, 37, (2, 3, 6))
+    chunked = mixed_token_log_probs(head, base, thought, weight, targets, banned_ids=BANNED, chunk_rows=5)
+    z_base, z_thought = head.logits(base), head.logits(thought)
+    naive = naive_log_probs(z_base + weight.unsqueeze(-1) * (z_thought - z_base), targets)
+    torch.testing.assert_close(chunked, naive, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(naive)
+    for c, n in zip(torch.autograd.grad(chunked, [thought, weight], grad), torch.autograd.grad(naive, [thought, weight], grad)):
+        torch.testing.assert_close(c, n, rtol=1e-6, atol=1e-6)
+
+
+def test_logits_token_log_probs_upcast_chunk_by_chunk():
+    logits = torch.randn(3, 7, 37, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(5, 37, (3, 7))
+    chunked = logits_token_log_probs(logits, targets, banned_ids=BANNED, chunk_rows=4)
+    naive = naive_log_probs(logits, targets)
+    torch.testing.assert_close(chunked, naive)
+    torch.testing.assert_close(torch.autograd.grad(chunked.sum(), logits)[0], torch.autograd.grad(naive.sum(), logits)[0])
+
+
+def test_greedy_sampling_is_the_argmax_without_banned_ids():
+    head = make_head()
+    hidden = torch.randn(4, 9, 12, dtype=torch.float64)
+    logits = head.logits(hidden)
+    logits[..., list(BANNED)] = float("-inf")
+    assert torch.equal(sample_tokens(head, hidden, 0.0, BANNED, chunk_rows=5), logits.argmax(-1))
+    sampled = sample_tokens(head, hidden, 1.0, BANNED, chunk_rows=5)
+    assert not torch.isin(sampled, torch.tensor(BANNED)).any()
+
+
+def naive_objective(model, ids, thought_ids):
+    """The Quiet-STaR loss from full-vocabulary logits: mixing in logit space, markers masked everywhere."""
+    config, markers = model.config, model.marker_ids
+    length, lookahead = ids.shape[1], config.lookahead
+    text = model.text_pass(ids, None, config.thought_length + lookahead + 1, n_thoughts=thought_ids.shape[1])
+    thoughts = model.thought_pass(text, thought_ids, lookahead, with_policy=True)
+    ahead = lookahead_index(length, lookahead, ids.device)
+    base_hidden = text.hidden[:, ahead].unsqueeze(1).expand_as(thoughts.hidden)
+    weights = model.mixing_head(base_hidden, thoughts.hidden)
+    targets = LookaheadTargets.build(ids, None, lookahead)
+    next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+    base = naive_log_probs(text.logits, next_ids, banned=markers)[:, ahead]
+    z_base = text.logits.float()[:, ahead].unsqueeze(1)
+    mixed_logits = z_base + weights.unsqueeze(-1) * (thoughts.logits() - z_base)
+    mixed = naive_log_probs(mixed_logits, targets.targets.unsqueeze(1).expand_as(weights), banned=markers)
+    policy = naive_log_probs(thoughts.policy_logits(), thought_ids, config.thought_temperature, banned=markers)
+    return quietstar_loss(
+        base, mixed, policy, targets.base_mask, targets.thought_mask, base_loss_weight=config.base_loss_weight,
+        mixed_loss_weight=config.mixed_loss_weight, policy_weight=config.policy_weight, clip_advantage=config.clip_advantage,
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_chunked_objective_equals_the_full_logits_objective_on_gradients(arch):
+    model, _ = make_model(arch, thought_length=3, n_thoughts=2, lookahead=3, policy_weight=1.0, clip_advantage=False)
+    model.train()
+    model.log_prob_chunk_rows = 7  # many chunks, not a divisor of anything
+    with torch.no_grad():
+        model.mixing_head.out.bias.fill_(0.0)  # w = 0.5: both predictions matter
+    ids = random_text(2, 9)
+    thought_ids = random_text(2 * 2 * 9, 3).reshape(2, 2, 9, 3)
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    chunked_loss, chunked = loss_and_grads(lambda: model(ids, labels=ids, thought_ids=thought_ids).loss)
+    naive_loss, naive = loss_and_grads(lambda: naive_objective(model, ids, thought_ids).loss)
+    torch.testing.assert_close(chunked_loss, naive_loss, rtol=1e-5, atol=1e-5)
+    assert chunked.keys() == naive.keys() and len(chunked) > 10
+    for name, grad in naive.items():
+        torch.testing.assert_close(chunked[name], grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_policy_states_only_when_the_policy_term_is_used():
+    model, _ = make_model("llama", policy_weight=1.0)
+    ids = random_text(1, 8)
+    seen = []
+    original = model.thought_pass
+
+    def spy(*args, **kwargs):
+        thoughts = original(*args, **kwargs)
+        seen.append(thoughts.policy_hidden is not None)
+        return thoughts
+
+    model.thought_pass = spy
+    model.train()(ids, labels=ids)  # sampled thoughts, policy term: needed
+    model.eval()(ids, labels=ids)  # greedy thoughts: no score function
+    model.eval()(ids)  # no labels
+    assert seen == [True, False, False]
+
+
+def test_a_training_step_builds_no_full_vocabulary_prediction():
+    model, _ = make_model("llama", policy_weight=1.0)
+    ids = random_text(1, 8)
+    assert model.train()(ids, labels=ids).logits is None
+    assert model.eval()(ids, labels=ids).logits.shape == (1, 8, model.config.text_config.vocab_size)
+
+
+def test_an_output_head_it_cannot_reproduce_is_refused():
+    model, _ = make_model("llama")
+    ids = random_text(1, 6)
+    model.model.config.logit_scale = 10.0  # the head now claims a scale the base's own logits do not have
+    with pytest.raises(NotImplementedError, match="output head.*chunk by chunk"):
+        model(ids)
