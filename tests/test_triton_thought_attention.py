@@ -30,6 +30,7 @@ def run(fn, inputs, grad_out, step_offset):
     return [out, *torch.autograd.grad(out, inputs, grad_out.to(out.dtype))]
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_kernel_error_within_twice_the_low_precision_reference_error(shape, dtype):
@@ -62,6 +63,7 @@ REAL_SIZES = {
 }
 
 
+@pytest.mark.kernel
 @pytest.mark.skipif(DEVICE != "cuda", reason="real sizes: too slow for the interpreter; benchmarks/gpu_check.sh runs them")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", sorted(REAL_SIZES))
@@ -70,6 +72,7 @@ def test_kernel_at_real_sizes(shape, dtype, monkeypatch):
     test_kernel_error_within_twice_the_low_precision_reference_error(shape, dtype)
 
 
+@pytest.mark.kernel
 def test_strided_inputs_equal_contiguous_ones():
     """Strided views (as the model passes them) give the same result as contiguous copies."""
     generator = torch.Generator().manual_seed(1)
