@@ -41,9 +41,16 @@ from .mixing import INITIAL_MIXING_LOGIT, MixingHead, MixingLogit, mix_logits
 from .objective import quietstar_loss
 from .sampling import sample_thought_tokens, thought_log_probs
 from .thinking import CACHE_KWARG, ThinkGate, ThoughtTrace, think_next_token
-from .thought_tokens import add_thought_tokens, initial_thought_embedding, thought_init_token_ids
+from .thought_tokens import (
+    ThoughtMarkers,
+    add_thought_tokens,
+    initial_thought_embedding,
+    register_marker_key_renaming,
+    thought_init_token_ids,
+)
 
 register_quietstar_attention()  # at import, so remote-code loading (trust_remote_code) registers it too
+register_marker_key_renaming("QuietStarForCausalLM")  # old checkpoints: `thought_embeddings` -> `thought_markers.weight`
 
 # Passed by Trainer, PEFT or generation utilities out of habit; the Quiet-STaR forward has no use for them. Any other
 # keyword is passed through to the base model's text pass, as transformers' own models pass theirs to the layers.
@@ -134,8 +141,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = base_model if base_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         _check_base(self.model)
         hidden_size = config.text_config.hidden_size
-        # Rows: start, end. Stored divided by `thought_embedding_scale` (see `marker_embeddings`).
-        self.thought_embeddings = nn.Parameter(torch.empty(2, hidden_size))
+        self.thought_markers = ThoughtMarkers(hidden_size, config.thought_embedding_scale)
         self.mixing_head = MixingHead(hidden_size, config.mixer_hidden_size)
         self.think_gate = ThinkGate(hidden_size)  # adaptive thinking in generate(); calibrated by adaptive.py
         self.post_init()
@@ -182,12 +188,9 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         )
         model = cls(config, base_model=base)
         reference = base.get_input_embeddings().weight
-        model.mixing_head.to(device=reference.device, dtype=reference.dtype)
-        model.think_gate.to(device=reference.device, dtype=reference.dtype)
-        model.thought_embeddings.data = model.thought_embeddings.data.to(reference)
-        with torch.no_grad():
-            start = initial_thought_embedding(init_ids, base.get_input_embeddings()) / config.thought_embedding_scale
-            model.thought_embeddings.copy_(start.expand(2, -1))
+        for module in (model.mixing_head, model.think_gate, model.thought_markers):
+            module.to(device=reference.device, dtype=reference.dtype)
+        model.thought_markers.set_(initial_thought_embedding(init_ids, base.get_input_embeddings()))
         return model, tokenizer
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -198,9 +201,9 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(module, ThinkGate):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
-        elif module is self:
+        elif isinstance(module, ThoughtMarkers):
             std = getattr(self.config.text_config, "initializer_range", 0.02)
-            init.normal_(self.thought_embeddings, std=std / self.config.thought_embedding_scale)
+            init.normal_(module.weight, std=std / module.scale)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -223,10 +226,9 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         return self.config.start_thought_token_id, self.config.end_thought_token_id
 
     def marker_embeddings(self) -> tuple[Tensor, Tensor]:
-        """(H,), (H,) the start and end marker embeddings fed to the model: the stored rows times the scale, so
-        their effective learning rate is `thought_embedding_scale` times the optimizer's (the paper's 1e2)."""
-        start, end = (self.thought_embeddings * self.config.thought_embedding_scale).unbind(0)
-        return start, end
+        """(H,), (H,) the start and end marker embeddings fed to the model (see `ThoughtMarkers`). Called, not read
+        from `.weight`, so that a PEFT `modules_to_save` copy of the markers is the one used."""
+        return self.thought_markers()
 
     # ---- forward -----------------------------------------------------------------------------------------------------
 

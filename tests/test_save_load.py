@@ -14,7 +14,7 @@ from conftest import make_model, random_text
 def test_save_and_reload_give_identical_model_and_logits(arch, tmp_path):
     model, tokenizer = make_model(arch)
     with torch.no_grad():  # stand-in for training: the reference code reset trained markers on reload
-        model.thought_embeddings.normal_()
+        model.thought_markers.weight.normal_()
         model.mixing_head.out.weight.normal_()
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
