@@ -166,6 +166,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(base, (str, os.PathLike)):
             tokenizer = tokenizer if tokenizer is not None else base
             base = AutoModelForCausalLM.from_pretrained(base)
+        _refuse_peft(base, "wrap")
         if not isinstance(base, PreTrainedModel) or base.get_output_embeddings() is None:
             raise TypeError(
                 f"`base` must be a transformers causal LM with an output head (e.g. LlamaForCausalLM), got "
@@ -192,6 +193,14 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             module.to(device=reference.device, dtype=reference.dtype)
         model.thought_markers.set_(initial_thought_embedding(init_ids, base.get_input_embeddings()))
         return model, tokenizer
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, refusing a model that still holds unmerged PEFT layers (their keys
+        would not load back into a plain model: the LoRA weights would be dropped and the wrapped ones reported
+        missing). Adapters attached with transformers' own `add_adapter` are saved by it as usual."""
+        if not getattr(self, "_hf_peft_config_loaded", False):
+            _refuse_peft(self, "save")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -648,6 +657,32 @@ def _check_base(base: PreTrainedModel) -> None:
             "transformers' AttentionInterface, which the thought passes plug into. Supported: llama, mistral, "
             "qwen2, qwen3, gemma and the other architectures whose attention uses ALL_ATTENTION_FUNCTIONS."
         )
+
+
+def _refuse_peft(model: nn.Module, action: str) -> None:
+    """A ValueError naming the fix when `model` is a PEFT model or holds PEFT layers (LoRA, modules_to_save copies).
+    Recognised by the class's module, so peft is never imported for a model that cannot contain it."""
+    found = [
+        f"{name or 'itself'}: {type(module).__module__}.{type(module).__name__}"
+        for name, module in model.named_modules()
+        if type(module).__module__.startswith("peft.")
+    ]
+    if not found:
+        return
+    layers = f"{type(model).__name__} holds unmerged PEFT layers ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
+    if action == "wrap":
+        raise ValueError(
+            f"`base`: {layers}. Quiet-STaR wraps a plain causal LM. Either merge the adapter first "
+            "(`base = peft_model.merge_and_unload()`) and wrap that, or wrap the plain base and put LoRA on the "
+            "Quiet-STaR model, which also trains its mixing head and markers: `model, tokenizer = "
+            "QuietStarForCausalLM.from_base(base, tokenizer); model = peft.get_peft_model(model, "
+            "quietstar.lora.lora_config())`."
+        )
+    raise ValueError(
+        f"cannot save_pretrained: {layers}, whose keys would load back as missing weights. Save the adapter with "
+        "the PeftModel (`peft_model.save_pretrained(dir)`), or merge it first for a full model directory: "
+        "`peft_model.merge_and_unload().save_pretrained(dir)`."
+    )
 
 
 def _drop_stale_gradients(base: PreTrainedModel) -> None:
