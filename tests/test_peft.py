@@ -1,6 +1,9 @@
 """LoRA with PEFT: the recommended config reaches the right modules, adapters and merged models round-trip, wrapping
 or saving unmerged PEFT layers is refused with the fix, and `quietstar train` trains LoRA from a `lora:` section."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -135,3 +138,21 @@ def test_train_command_with_a_lora_section(tiny_base, text_file, tmp_path):
     ids = random_text(2, 9, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_readme_lora_block_runs(tmp_path, monkeypatch):
+    model, tokenizer = make_model("llama")
+    model.save_pretrained(tmp_path / "quietstar-tiny")
+    tokenizer.save_pretrained(tmp_path / "quietstar-tiny")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- lora: .*?-->\n```python\n(.*?)```", readme, re.DOTALL).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block, "README-lora", "exec"), namespace)
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "quietstar-tiny-merged").eval()
+    adapted = namespace["adapted"].eval()
+    ids = namespace["ids"][:, :12]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(input_ids=ids).logits, rtol=0, atol=1e-5)
+        assert not torch.equal(merged(ids).logits, model(ids).logits)  # the five steps changed the model
