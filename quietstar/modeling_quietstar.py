@@ -162,6 +162,8 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         the paper does (if the tokenizer cannot encode "---", from the mean input embedding, with a warning).
         `config_fields` are `QuietStarConfig` fields (thought_length=..., n_thoughts=..., ...). The base model instance
         is reused, not copied. Every check runs before the tokenizer or the model is changed. Returns (model, tokenizer).
+        A PEFT model (or a model holding unmerged LoRA layers) is refused: merge it first, or apply PEFT to the
+        Quiet-STaR model with `quietstar.lora.lora_config`.
         """
         if isinstance(base, (str, os.PathLike)):
             tokenizer = tokenizer if tokenizer is not None else base
@@ -669,7 +671,8 @@ def _refuse_peft(model: nn.Module, action: str) -> None:
     ]
     if not found:
         return
-    layers = f"{type(model).__name__} holds unmerged PEFT layers ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
+    more = ", ..." if len(found) > 3 else ""
+    layers = f"{type(model).__name__} holds unmerged PEFT layers ({', '.join(found[:3])}{more})"
     if action == "wrap":
         raise ValueError(
             f"`base`: {layers}. Quiet-STaR wraps a plain causal LM. Either merge the adapter first "

@@ -7,8 +7,9 @@ arithmetic problems, CPU-sized). The run: evaluate the held-out NLL without and 
 `QuietStarTrainer` (progress bar, `metrics.jsonl`, checkpoints every `save_steps`), evaluate again, save the model
 (`save_pretrained`: loads with `AutoModelForCausalLM.from_pretrained`) and tokenizer into the output directory, and
 print the before/after table. With a `lora:` section the model is trained as a PEFT LoRA model (`quietstar.lora`);
-the adapter is saved in `adapter/` and the merged model in the output directory as usual. The same command runs under `torchrun` / `accelerate launch` (DDP; FSDP through an
-accelerate config such as `configs/accelerate_fsdp.yaml`).
+the adapter is saved in `adapter/` and the merged model in the output directory as usual. The same command runs
+under `torchrun` / `accelerate launch` (DDP; FSDP through an accelerate config such as `configs/accelerate_fsdp.yaml`,
+without a `lora:` section: the adapter is merged on the main process).
 """
 
 import argparse
