@@ -1,9 +1,10 @@
 """Loading a model directory for evaluation or publishing, with checks that turn bad input into clear errors.
 
 `from_pretrained` alone reports a truncated weight file as "Error while deserializing header" without saying which
-file, and a plain causal LM as a config mismatch. `load_checkpoint` checks first: a config of the right model type
-(or `wrap_base=True` for a plain causal LM), safetensors weights only (pickle-based `.bin`/`.pt` files are refused,
-never loaded), each weight file readable, then loads with `use_safetensors=True`.
+file, a plain causal LM as a config mismatch, and weights missing from the file only as a warning (they are then
+random). `load_checkpoint` checks first: a config of the right model type (or `wrap_base=True` for a plain causal
+LM), safetensors weights only (pickle-based `.bin`/`.pt` files are refused, never loaded), each weight file
+readable; then loads with `use_safetensors=True` and refuses missing, unexpected or mismatched weights by name.
 """
 
 import json
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .configuration_quietstar import QuietStarConfig
 from .modeling_quietstar import QuietStarForCausalLM
@@ -36,10 +37,13 @@ def load_checkpoint(
     if model_type == QuietStarConfig.model_type:
         if config_fields:
             raise CheckpointError(f"{path} is already a Quiet-STaR model; thought settings {sorted(config_fields)} apply only with wrap_base.")
-        model = QuietStarForCausalLM.from_pretrained(path, use_safetensors=True)
+        model, loading_info = QuietStarForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True)
+        check_loading_info(path, loading_info)
         tokenizer = AutoTokenizer.from_pretrained(path)
     elif wrap_base:
-        model, tokenizer = QuietStarForCausalLM.from_base(str(path), **config_fields)
+        base, loading_info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True)
+        check_loading_info(path, loading_info)
+        model, tokenizer = QuietStarForCausalLM.from_base(base, str(path), **config_fields)
     else:
         raise CheckpointError(
             f"{path / 'config.json'} describes a `{model_type}` model, not a Quiet-STaR model (`quietstar`). "
@@ -60,6 +64,23 @@ def read_model_type(path: Path) -> str:
     if not isinstance(config, dict) or "model_type" not in config:
         raise CheckpointError(f"{config_file} has no `model_type`: it is not a transformers model config.")
     return config["model_type"]
+
+
+def check_loading_info(path: Path, loading_info: dict) -> None:
+    """Refuse a load that left weights random (missing), ignored some (unexpected) or could not fit them
+    (mismatched): `from_pretrained` only warns about these."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(key[0] if isinstance(key, tuple) else key) for key in loading_info.get(kind) or ())
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            problems.append(f"{kind.replace('_keys', '')}: {shown}")
+    if problems:
+        raise CheckpointError(
+            f"the weights in {path} do not match the model ({'; '.join(problems)}). Was it saved by a different "
+            "model or with unmerged PEFT layers? Re-save it with save_pretrained (a PeftModel: "
+            "`peft_model.merge_and_unload().save_pretrained(dir)`)."
+        )
 
 
 def check_weight_files(path: Path) -> None:
@@ -84,4 +105,4 @@ def check_weight_files(path: Path) -> None:
             ) from None
 
 
-__all__ = ["CheckpointError", "load_checkpoint", "check_weight_files"]
+__all__ = ["CheckpointError", "load_checkpoint", "check_weight_files", "check_loading_info"]

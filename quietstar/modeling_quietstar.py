@@ -49,9 +49,16 @@ from .output_head import (
     token_log_probs,
 )
 from .thinking import CACHE_KWARG, ThinkGate, ThoughtTrace, think_next_token
-from .thought_tokens import add_thought_tokens, initial_thought_embedding, thought_init_token_ids
+from .thought_tokens import (
+    ThoughtMarkers,
+    add_thought_tokens,
+    initial_thought_embedding,
+    register_marker_key_renaming,
+    thought_init_token_ids,
+)
 
 register_quietstar_attention()  # at import, so remote-code loading (trust_remote_code) registers it too
+register_marker_key_renaming("QuietStarForCausalLM")  # old checkpoints: `thought_embeddings` -> `thought_markers.weight`
 
 # Passed by Trainer, PEFT or generation utilities out of habit; the Quiet-STaR forward has no use for them. Any other
 # keyword is passed through to the base model's text pass, as transformers' own models pass theirs to the layers.
@@ -150,8 +157,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = base_model if base_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         _check_base(self.model)
         hidden_size = config.text_config.hidden_size
-        # Rows: start, end. Stored divided by `thought_embedding_scale` (see `marker_embeddings`).
-        self.thought_embeddings = nn.Parameter(torch.empty(2, hidden_size))
+        self.thought_markers = ThoughtMarkers(hidden_size, config.thought_embedding_scale)
         self.mixing_head = MixingHead(hidden_size, config.mixer_hidden_size)
         self.think_gate = ThinkGate(hidden_size)  # adaptive thinking in generate(); calibrated by adaptive.py
         self.post_init()
@@ -172,10 +178,13 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         the paper does (if the tokenizer cannot encode "---", from the mean input embedding, with a warning).
         `config_fields` are `QuietStarConfig` fields (thought_length=..., n_thoughts=..., ...). The base model instance
         is reused, not copied. Every check runs before the tokenizer or the model is changed. Returns (model, tokenizer).
+        A PEFT model (or a model holding unmerged LoRA layers) is refused: merge it first, or apply PEFT to the
+        Quiet-STaR model with `quietstar.lora.lora_config`.
         """
         if isinstance(base, (str, os.PathLike)):
             tokenizer = tokenizer if tokenizer is not None else base
             base = AutoModelForCausalLM.from_pretrained(base)
+        _refuse_peft(base, "wrap")
         if not isinstance(base, PreTrainedModel) or base.get_output_embeddings() is None:
             raise TypeError(
                 f"`base` must be a transformers causal LM with an output head (e.g. LlamaForCausalLM), got "
@@ -198,13 +207,18 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         )
         model = cls(config, base_model=base)
         reference = base.get_input_embeddings().weight
-        model.mixing_head.to(device=reference.device, dtype=reference.dtype)
-        model.think_gate.to(device=reference.device, dtype=reference.dtype)
-        model.thought_embeddings.data = model.thought_embeddings.data.to(reference)
-        with torch.no_grad():
-            start = initial_thought_embedding(init_ids, base.get_input_embeddings()) / config.thought_embedding_scale
-            model.thought_embeddings.copy_(start.expand(2, -1))
+        for module in (model.mixing_head, model.think_gate, model.thought_markers):
+            module.to(device=reference.device, dtype=reference.dtype)
+        model.thought_markers.set_(initial_thought_embedding(init_ids, base.get_input_embeddings()))
         return model, tokenizer
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, refusing a model that still holds unmerged PEFT layers (their keys
+        would not load back into a plain model: the LoRA weights would be dropped and the wrapped ones reported
+        missing). Adapters attached with transformers' own `add_adapter` are saved by it as usual."""
+        if not getattr(self, "_hf_peft_config_loaded", False):
+            _refuse_peft(self, "save")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -214,9 +228,9 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         elif isinstance(module, ThinkGate):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
-        elif module is self:
+        elif isinstance(module, ThoughtMarkers):
             std = getattr(self.config.text_config, "initializer_range", 0.02)
-            init.normal_(self.thought_embeddings, std=std / self.config.thought_embedding_scale)
+            init.normal_(module.weight, std=std / module.scale)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -239,10 +253,9 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         return self.config.start_thought_token_id, self.config.end_thought_token_id
 
     def marker_embeddings(self) -> tuple[Tensor, Tensor]:
-        """(H,), (H,) the start and end marker embeddings fed to the model: the stored rows times the scale, so
-        their effective learning rate is `thought_embedding_scale` times the optimizer's (the paper's 1e2)."""
-        start, end = (self.thought_embeddings * self.config.thought_embedding_scale).unbind(0)
-        return start, end
+        """(H,), (H,) the start and end marker embeddings fed to the model (see `ThoughtMarkers`). Called, not read
+        from `.weight`, so that a PEFT `modules_to_save` copy of the markers is the one used."""
+        return self.thought_markers()
 
     # ---- forward -----------------------------------------------------------------------------------------------------
 
@@ -625,6 +638,33 @@ def _check_base(base: PreTrainedModel) -> None:
             "transformers' AttentionInterface, which the thought passes plug into. Supported: llama, mistral, "
             "qwen2, qwen3, gemma and the other architectures whose attention uses ALL_ATTENTION_FUNCTIONS."
         )
+
+
+def _refuse_peft(model: nn.Module, action: str) -> None:
+    """A ValueError naming the fix when `model` is a PEFT model or holds PEFT layers (LoRA, modules_to_save copies).
+    Recognised by the class's module, so peft is never imported for a model that cannot contain it."""
+    found = [
+        f"{name or 'itself'}: {type(module).__module__}.{type(module).__name__}"
+        for name, module in model.named_modules()
+        if type(module).__module__.startswith("peft.")
+    ]
+    if not found:
+        return
+    more = ", ..." if len(found) > 3 else ""
+    layers = f"{type(model).__name__} holds unmerged PEFT layers ({', '.join(found[:3])}{more})"
+    if action == "wrap":
+        raise ValueError(
+            f"`base`: {layers}. Quiet-STaR wraps a plain causal LM. Either merge the adapter first "
+            "(`base = peft_model.merge_and_unload()`) and wrap that, or wrap the plain base and put LoRA on the "
+            "Quiet-STaR model, which also trains its mixing head and markers: `model, tokenizer = "
+            "QuietStarForCausalLM.from_base(base, tokenizer); model = peft.get_peft_model(model, "
+            "quietstar.lora.lora_config())`."
+        )
+    raise ValueError(
+        f"cannot save_pretrained: {layers}, whose keys would load back as missing weights. Save the adapter with "
+        "the PeftModel (`peft_model.save_pretrained(dir)`), or merge it first for a full model directory: "
+        "`peft_model.merge_and_unload().save_pretrained(dir)`."
+    )
 
 
 def _drop_stale_gradients(base: PreTrainedModel) -> None:

@@ -1,7 +1,8 @@
 """Thought tokens: the `<|startofthought|>` / `<|endofthought|>` markers in the tokenizer and their initial embedding.
 
 The markers are real vocabulary entries (so ids, decoding and the output head know them), but the model feeds its own
-learnable embeddings for them (`QuietStarForCausalLM.thought_embeddings`), initialised like the paper from "---".
+learnable embeddings for them (`ThoughtMarkers`, `QuietStarForCausalLM.thought_markers`), initialised like the paper
+from "---".
 """
 
 import warnings
@@ -9,10 +10,14 @@ import warnings
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 
 START_THOUGHT = "<|startofthought|>"
 END_THOUGHT = "<|endofthought|>"
 INIT_TEXT = "---"  # the paper initialises both markers from the embedding of "---"
+MARKER_KEY = "thought_markers.weight"
+LEGACY_MARKER_KEY = "thought_embeddings"  # the key of checkpoints saved while the markers were a bare parameter
 
 
 def add_thought_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
@@ -66,3 +71,50 @@ def initial_thought_embedding(init_ids: list[int] | None, embeddings: nn.Module)
     weight = embeddings.weight
     ids = torch.arange(weight.shape[0], device=weight.device) if init_ids is None else torch.tensor(init_ids, device=weight.device)
     return embeddings(ids).float().mean(dim=0)
+
+
+class ThoughtMarkers(nn.Module):
+    """The learnable input embeddings of the start and end markers: `weight` (2, H), rows start, end.
+
+    A module rather than a bare parameter so that tools which name modules can reach it, e.g. PEFT's
+    `modules_to_save=["thought_markers"]`. `weight` is stored divided by `scale` and multiplied back in `forward`:
+    the markers then move `scale` times faster than the rest of the model under the same optimizer (the paper's 1e2
+    learning-rate multiplier for them), without a separate parameter group.
+    """
+
+    def __init__(self, hidden_size: int, scale: float):
+        super().__init__()
+        self.scale = scale  # a plain attribute: `thought_embedding_scale` lives in the config, not in the weights
+        self.weight = nn.Parameter(torch.empty(2, hidden_size))
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """(H,), (H,): the start and end embeddings fed to the model."""
+        start, end = (self.weight * self.scale).unbind(0)
+        return start, end
+
+    @torch.no_grad()
+    def set_(self, embedding: Tensor) -> None:
+        """Set both markers to `embedding` (H,) (the effective value: stored divided by the scale)."""
+        self.weight.copy_((embedding / self.scale).expand_as(self.weight))
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.weight.shape[1]}, scale={self.scale}"
+
+
+class _LoadOnlyRenaming(WeightRenaming):
+    """A renaming applied when loading only. transformers reverts registered renamings when saving (to keep a
+    checkpoint's original layout), which would write the legacy key again; the reverse here renames nothing."""
+
+    __slots__ = ()
+
+    def reverse_transform(self) -> WeightRenaming:
+        return WeightRenaming(source_patterns=rf"^{MARKER_KEY}$", target_patterns=MARKER_KEY)
+
+
+def register_marker_key_renaming(class_name: str) -> None:
+    """Let `from_pretrained` of `class_name` load checkpoints that store the markers as `thought_embeddings`.
+
+    Registered through transformers' own checkpoint-conversion registry (keyed by our class name, so no other model
+    is affected); idempotent, since remote-code loading imports the modeling file again."""
+    renaming = _LoadOnlyRenaming(source_patterns=rf"^{LEGACY_MARKER_KEY}$", target_patterns=MARKER_KEY)
+    register_checkpoint_conversion_mapping(class_name, [renaming], overwrite=True)

@@ -6,8 +6,10 @@ CONFIG is a YAML file or the name of a bundled config (default: `default`, SmolL
 arithmetic problems, CPU-sized). The run: evaluate the held-out NLL without and with thoughts, train with
 `QuietStarTrainer` (progress bar, `metrics.jsonl`, checkpoints every `save_steps`), evaluate again, save the model
 (`save_pretrained`: loads with `AutoModelForCausalLM.from_pretrained`) and tokenizer into the output directory, and
-print the before/after table. The same command runs under `torchrun` / `accelerate launch` (DDP; FSDP through an
-accelerate config such as `configs/accelerate_fsdp.yaml`).
+print the before/after table. With a `lora:` section the model is trained as a PEFT LoRA model (`quietstar.lora`);
+the adapter is saved in `adapter/` and the merged model in the output directory as usual. The same command runs
+under `torchrun` / `accelerate launch` (DDP; FSDP through an accelerate config such as `configs/accelerate_fsdp.yaml`,
+without a `lora:` section: the adapter is merged on the main process).
 """
 
 import argparse
@@ -27,6 +29,7 @@ from .trainer import JsonlMetricsCallback, QuietStarTrainer
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "quietstar_train.yaml"  # the resolved config, saved beside the model
+ADAPTER_DIR = "adapter"  # with a `lora:` section: the PEFT adapter (+ mixing head and markers), inside the output dir
 
 
 @dataclass
@@ -77,6 +80,12 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     args = TrainingArguments(**config.training)
     set_seed(args.seed)  # before the model: the mixing head is initialised here
     model, tokenizer = load_model(config.base, config.quietstar)
+    if config.lora is not None:
+        from peft import get_peft_model  # only LoRA runs need peft
+
+        from .lora import lora_config
+
+        model = get_peft_model(model, lora_config(**config.lora))
     train_set, eval_set = build_datasets(config.data, tokenizer, model.config.lookahead)
     output_dir = Path(args.output_dir)
     trainer = QuietStarTrainer(
@@ -91,7 +100,13 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     before = trainer.evaluate(metric_key_prefix="before") if eval_set else {}
     trainer.train(resume_from_checkpoint=_resume_argument(args.resume_from_checkpoint))
     after = trainer.evaluate(metric_key_prefix="after") if eval_set else {}
-    trainer.save_model(str(output_dir))  # save_pretrained of the unwrapped model (+ tokenizer), gathered under FSDP
+    if config.lora is None:
+        trainer.save_model(str(output_dir))  # save_pretrained of the unwrapped model (+ tokenizer), gathered under FSDP
+    else:
+        trainer.save_model(str(output_dir / ADAPTER_DIR))
+        if trainer.is_world_process_zero():  # the merged model loads like any other: no peft needed to use it
+            model.merge_and_unload().save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
     if trainer.is_world_process_zero():
         (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return TrainResult(output_dir, before, after, trainer.state.log_history)

@@ -1,9 +1,11 @@
-"""Training configs: YAML files with four sections, validated before anything heavy is loaded.
+"""Training configs: YAML files with four sections (and an optional fifth), validated before anything heavy is loaded.
 
     base: null                # null = SmolLM2-135M-Instruct (embedded); else a local HF model directory or a .gguf file
     quietstar: {...}          # QuietStarConfig fields (thought_length, n_thoughts, lookahead, policy_weight, ...)
     data: {...}               # DataConfig fields (path, template, window, packing, eval_windows, ...)
     training: {...}           # transformers.TrainingArguments fields (max_steps, learning_rate, save_steps, bf16, ...)
+    lora: {...}               # optional: train LoRA with PEFT; `quietstar.lora.lora_config` arguments (r, lora_alpha,
+                              # target_modules, any other LoraConfig field). Absent or null: full fine-tuning.
 
 Command-line overrides use dotted keys: `--training.max_steps 5 --quietstar.thought_length 8 --base path/to/model`;
 values are read as YAML (`1e-6`, `true`, `null`, `[a, b]`). An unknown key or a value of the wrong type is an error
@@ -28,7 +30,7 @@ from .data import DataConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "default"
-SECTIONS = ("base", "quietstar", "data", "training")
+SECTIONS = ("base", "quietstar", "data", "training", "lora")
 # QuietStarConfig fields a training config may set; the rest come from the base model or from_base.
 QUIETSTAR_KEYS = tuple(
     f.name
@@ -40,16 +42,20 @@ QUIETSTAR_KEYS = tuple(
 
 @dataclass
 class TrainConfig:
-    """A validated training config. `quietstar` and `training` are keyword arguments for `QuietStarForCausalLM.from_base`
-    and `TrainingArguments`."""
+    """A validated training config. `quietstar`, `training` and `lora` are keyword arguments for
+    `QuietStarForCausalLM.from_base`, `TrainingArguments` and `quietstar.lora.lora_config` (None: no LoRA)."""
 
     base: str | None = None
     quietstar: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     training: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"base": self.base, "quietstar": self.quietstar, "data": dataclasses.asdict(self.data), "training": self.training}
+        return {
+            "base": self.base, "quietstar": self.quietstar, "data": dataclasses.asdict(self.data),
+            "training": self.training, "lora": self.lora,
+        }
 
 
 class _Loader(yaml.SafeLoader):
@@ -138,7 +144,7 @@ def validate_train_config(raw: dict[str, Any], source: str = "config") -> TrainC
     base = raw.get("base")
     if base is not None and not isinstance(base, str):
         raise ValueError(f"{source}: `base` must be null (the default model) or a path, got {base!r}.")
-    sections = {name: raw.get(name) or {} for name in ("quietstar", "data", "training")}
+    sections = {name: raw.get(name) or {} for name in ("quietstar", "data", "training", "lora")}
     for name, section in sections.items():
         if not isinstance(section, dict):
             raise ValueError(f"{source}: section `{name}` must be a mapping of keys to values, got {section!r}.")
@@ -157,12 +163,34 @@ def validate_train_config(raw: dict[str, Any], source: str = "config") -> TrainC
     training_fields = {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
     for key, value in sections["training"].items():
         _check_key(source, "training", key, value, training_fields)
+    lora = None if raw.get("lora") is None else dict(sections["lora"])  # `lora: {}` = LoRA with the defaults
+    if lora is not None:
+        _check_lora(source, lora)
     return TrainConfig(
         base=base,
         quietstar=dict(sections["quietstar"]),
         data=DataConfig(**sections["data"]),
         training=dict(sections["training"]),
+        lora=lora,
     )
+
+
+def _check_lora(source: str, section: dict[str, Any]) -> None:
+    """The `lora` section: keys and types as for the other sections, then the whole LoraConfig built once."""
+    try:
+        from .lora import lora_config
+    except ImportError:
+        raise ValueError(f"{source}: the `lora` section needs PEFT: pip install peft (or remove the section).") from None
+    from peft import LoraConfig
+
+    hints = typing.get_type_hints(LoraConfig)  # peft writes its annotations as strings
+    fields = {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(LoraConfig) if f.init}  # lora_config's among them
+    for key, value in section.items():
+        _check_key(source, "lora", key, value, fields)
+    try:
+        lora_config(**section)
+    except Exception as error:
+        raise ValueError(f"{source}: bad `lora` section {section!r}: {error}") from None
 
 
 def _check_key(source: str, section: str, key: str, value: Any, fields: dict[str, Any]) -> None:

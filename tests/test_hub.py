@@ -77,7 +77,7 @@ torch.save(results, sys.argv[2])
 def trained_like(arch="qwen3"):
     model, tokenizer = make_model(arch)
     with torch.no_grad():  # stand-in for training, so a reload that reset these would show
-        model.thought_embeddings.normal_()
+        model.thought_markers.weight.normal_()
         model.mixing_head.out.weight.normal_()
     return model, tokenizer
 
@@ -152,7 +152,7 @@ def test_pickle_weights_are_never_loaded(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
     loaded, _ = load_checkpoint(tmp_path)
     assert not canary.exists()
-    assert torch.equal(loaded.thought_embeddings, model.thought_embeddings)
+    assert torch.equal(loaded.thought_markers.weight, model.thought_markers.weight)
 
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="only pickle-based weights \\(pytorch_model.bin\\), which are never loaded"):

@@ -24,7 +24,7 @@ def test_a_few_steps_lower_the_loss_and_reach_every_quietstar_parameter():
         loss = model(input_ids, labels=input_ids).loss
         optimizer.zero_grad()
         loss.backward()
-        assert model.thought_embeddings.grad.abs().sum(dim=-1).gt(0).all()  # both markers, every step
+        assert model.thought_markers.weight.grad.abs().sum(dim=-1).gt(0).all()  # both markers, every step
         # The head's last layer starts at zero weight, so its inner layers get gradient from the second step on.
         head_parameters_reached |= {n for n, p in model.mixing_head.named_parameters() if p.grad.abs().sum() > 0}
         optimizer.step()

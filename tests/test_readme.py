@@ -18,4 +18,4 @@ def test_quickstart_runs_and_learns(tmp_path, monkeypatch, capsys):
     assert len(losses) == 20 and losses[-1] < losses[0] - 0.5
     assert (tmp_path / "quietstar-tiny" / "model.safetensors").exists()
     assert isinstance(namespace["reloaded"], type(namespace["model"]))
-    assert torch.equal(namespace["reloaded"].thought_embeddings, namespace["model"].thought_embeddings)
+    assert torch.equal(namespace["reloaded"].thought_markers.weight, namespace["model"].thought_markers.weight)

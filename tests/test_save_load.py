@@ -1,4 +1,5 @@
-"""Persistence (safetensors round trip, trained thought embeddings kept) and padding invariance."""
+"""Persistence (safetensors round trip, trained thought markers kept, the old marker key, weights that do not match
+refused by name) and padding invariance."""
 
 import json
 
@@ -6,15 +7,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from safetensors.torch import load_file, save_file
+
 import quietstar
 from conftest import make_model, random_text
+from quietstar.checkpoints import CheckpointError, load_checkpoint
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma"])  # untied and tied input/output embeddings
 def test_save_and_reload_give_identical_model_and_logits(arch, tmp_path):
     model, tokenizer = make_model(arch)
     with torch.no_grad():  # stand-in for training: the reference code reset trained markers on reload
-        model.thought_embeddings.normal_()
+        model.thought_markers.weight.normal_()
         model.mixing_head.out.weight.normal_()
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -98,3 +102,43 @@ def test_trust_remote_code_loads_the_saved_code_without_the_package(tmp_path):
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
+
+
+def _rewrite_weights(path, edit) -> None:
+    weights = load_file(path / "model.safetensors")
+    edit(weights)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_checkpoint_with_the_old_thought_embeddings_key_loads_to_equal_logits(tmp_path):
+    model, tokenizer = make_model("llama")
+    with torch.no_grad():
+        model.thought_markers.weight.normal_()
+        expected = model(random_text(2, 8)).logits
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    # the layout of checkpoints saved while the markers were a bare parameter
+    _rewrite_weights(tmp_path, lambda weights: weights.update(thought_embeddings=weights.pop("thought_markers.weight")))
+
+    for reloaded in (AutoModelForCausalLM.from_pretrained(tmp_path), load_checkpoint(tmp_path)[0]):
+        assert torch.equal(reloaded.thought_markers.weight, model.thought_markers.weight)
+        with torch.no_grad():
+            assert torch.equal(reloaded.eval()(random_text(2, 8)).logits, expected)
+    resaved = tmp_path / "resaved"
+    reloaded.save_pretrained(resaved)  # written in the current layout
+    assert "thought_markers.weight" in load_file(resaved / "model.safetensors")
+    assert "thought_embeddings" not in load_file(resaved / "model.safetensors")
+
+
+def test_load_checkpoint_names_missing_and_unexpected_weights(tmp_path):
+    model, tokenizer = make_model("llama")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    def edit(weights):
+        weights.pop("mixing_head.out.bias")
+        weights["model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+
+    _rewrite_weights(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"missing: mixing_head.out.bias; unexpected: .*q_proj.lora_A.weight"):
+        load_checkpoint(tmp_path)

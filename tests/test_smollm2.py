@@ -61,13 +61,13 @@ def test_thought_pass_equals_the_plain_model(smollm2, question_ids):
             torch.testing.assert_close(thoughts.hidden[b, n, i], hidden[after_end:], atol=2e-4, rtol=1e-4)
 
 
-def test_round_trip_keeps_trained_thought_embeddings(smollm2, question_ids, tmp_path):
+def test_round_trip_keeps_trained_thought_markers(smollm2, question_ids, tmp_path):
     model, _ = smollm2
     with torch.no_grad():
-        model.thought_embeddings.add_(torch.randn_like(model.thought_embeddings) * 1e-3)
+        model.thought_markers.weight.add_(torch.randn_like(model.thought_markers.weight) * 1e-3)
     model.save_pretrained(tmp_path)
     reloaded = quietstar.QuietStarForCausalLM.from_pretrained(tmp_path).eval()
-    assert torch.equal(reloaded.thought_embeddings, model.thought_embeddings)
+    assert torch.equal(reloaded.thought_markers.weight, model.thought_markers.weight)
     outputs = []
     for m in (model.eval(), reloaded):  # eval mode: the same (greedy) thought policy in both
         torch.manual_seed(0)

@@ -14,11 +14,11 @@ def test_trainer_trains(tmp_path):
         output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         learning_rate=3e-3, logging_steps=1, save_strategy="no", use_cpu=True, report_to=[],
     )
-    markers_before = model.thought_embeddings.detach().clone()
+    markers_before = model.thought_markers.weight.detach().clone()
     head_before = model.mixing_head.out.weight.detach().clone()
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 8 and losses[-1] < losses[0]
-    assert not torch.equal(model.thought_embeddings, markers_before)
+    assert not torch.equal(model.thought_markers.weight, markers_before)
     assert not torch.equal(model.mixing_head.out.weight, head_before)
