@@ -7,17 +7,19 @@
 The step memory (what a training step adds on top of the weights and optimizer states) is, in bytes, with
 Nt = B * L text tokens, Nc = B * N * L * S chain tokens (S = T + A + 1), p the activation dtype's size:
 
-    saved     without checkpointing: (Nt + Nc) * layers * a * p,  a = 4H + 3 Hq D + 2 Hkv D + 4I
-              (per token and layer, counted from a llama layer: both norms' inputs and outputs, q/k/v after rotary,
-              the attention output and o_proj's input, the MLP's gate, up, activation and product)
-              with per-layer checkpointing: (Nt + Nc) * layers * H * p (each layer's input) plus, in backward, one
-              layer's activations for the larger of the two passes: max(Nt, Nc) * a * p
-    attention the PyTorch reference (CPU) saves its probabilities, Nc * Hq * (L + S) * 4 per layer, when L <= 128
-              (longer texts are processed in checkpointed blocks of 128 positions); the fused Triton kernel saves
-              only its inputs and the log-sum-exp
-    logits    the text pass's logits Nt * V * p, their gradient, and one chunk of log-probabilities at a time:
-              rows * V * 4 (x3: logits, log-softmax, gradient) -- never a vocabulary-sized tensor per chain token
+    layer     per layer: Nt * a * p + Nc * (a + (Hq + 2 Hkv) D) * p,  a = 4H + 3 Hq D + 2 Hkv D + 4I
+              (per token, counted from a llama layer: both norms' inputs and outputs, q/k/v after rotary, the
+              attention output and o_proj's input, the MLP's gate, up, activation and product; chain tokens also
+              keep q/k/v regrouped per thought and position), + the PyTorch reference attention's probabilities
+              2 * Nc * Hq * (L + S) * 4 when L <= 128 (longer texts run in checkpointed blocks of 128 positions;
+              the fused Triton kernel saves only its inputs and the log-sum-exp)
+    saved     without checkpointing: layers * layer; with per-layer checkpointing: (Nt + Nc) * layers * H * p
+              (each layer's input), and in backward one recomputed layer (a transient)
+    logits    the text pass's logits Nt * V * p and their gradient
+    chunk     one chunk of log-probabilities at a time, rows * V * 4 (x3: logits, log-softmax, gradient),
+              rows = min(1024, B * L): never a vocabulary-sized tensor per chain token (a transient)
     grads     4 bytes per parameter (fp32 master weights)
+    step      grads + saved + logits + max(chunk, recomputed layer)
 
 and the whole training process adds weights (4 bytes/param) and AdamW's two moments (8 bytes/param).
 Measured: the bytes of all tensors alive at once during one step (a TorchDispatchMode that follows each storage's
@@ -89,26 +91,32 @@ class StepShape:
 
 
 def predict(base: BaseShape, step: StepShape) -> dict[str, float]:
-    """Bytes of one training step by component, and `step` = their peak sum (weights and optimizer excluded)."""
+    """Bytes of one training step by component, and `step` = their peak (weights and optimizer states excluded):
+    what stays alive through the step (gradients, saved activations, the text logits) plus the largest transient,
+    either one chunk of log-probabilities (at the start of backward) or, with checkpointing, one recomputed layer
+    (later in backward) -- they never coexist."""
     h, d, p = base.hidden, base.head_dim, step.activation_bytes
     chain = step.thought_length + step.lookahead + 1
     text_tokens = step.batch * step.length
     chain_tokens = text_tokens * step.n_thoughts * chain
     per_token_layer = 4 * h + 3 * base.heads * d + 2 * base.kv_heads * d + 4 * base.intermediate
-    if step.checkpointing:
-        saved = (text_tokens + chain_tokens) * base.layers * h * p
-        recompute = max(text_tokens, chain_tokens) * per_token_layer * p
-    else:
-        saved = (text_tokens + chain_tokens) * base.layers * per_token_layer * p
-        recompute = 0
-    attention = 0
+    chain_extra = (base.heads + 2 * base.kv_heads) * d  # q/k/v regrouped per (thought, position) for thought attention
+    attention_layer = 0  # the PyTorch reference's saved probabilities (+ their contiguous copies for the value matmul)
     if step.attention == "torch" and step.length <= 128:
-        attention = chain_tokens * base.heads * (step.length + chain) * 4 * (1 if step.checkpointing else base.layers)
-    logits = 2 * text_tokens * base.vocab * p
-    chunk = 3 * min(step.chunk_rows, chain_tokens) * base.vocab * 4
-    grads = 4 * base.parameters
-    parts = dict(grads=grads, saved=saved, recompute=recompute, attention=attention, logits=logits, chunk=chunk)
-    parts["step"] = sum(parts.values())
+        attention_layer = 2 * chain_tokens * base.heads * (step.length + chain) * 4
+    layer_saved = text_tokens * per_token_layer * p + chain_tokens * (per_token_layer + chain_extra) * p + attention_layer
+    if step.checkpointing:
+        saved, recompute = (text_tokens + chain_tokens) * base.layers * h * p, layer_saved
+    else:
+        saved, recompute = base.layers * layer_saved, 0
+    parts = dict(
+        grads=4 * base.parameters,
+        saved=saved,
+        logits=2 * text_tokens * base.vocab * p,  # the text pass's logits and their gradient
+        chunk=3 * min(step.chunk_rows, text_tokens) * base.vocab * 4,  # chunks never exceed the text's B * L rows
+        recompute=recompute,
+    )
+    parts["step"] = parts["grads"] + saved + parts["logits"] + max(parts["chunk"], recompute)
     return parts
 
 

@@ -48,7 +48,7 @@ from .output_head import (
     sample_tokens,
     token_log_probs,
 )
-from .thinking import CACHE_KWARG, ThinkGate, ThoughtTrace, think_next_token
+from .thinking import CACHE_KWARG, ThinkGate, Thinker, ThoughtTrace, think_next_token
 from .thought_tokens import (
     ThoughtMarkers,
     add_thought_tokens,
@@ -389,7 +389,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 logits=out.logits, base_logits=out.logits, cache=cache
             )
         step = think_next_token(
-            self, input_ids, attention_mask, position_ids, cache, thought_temperature, self.config.think_threshold
+            self.thinker(), input_ids, attention_mask, position_ids, cache, thought_temperature, self.config.think_threshold
         )
         if thought_trace is not None:
             thought_trace.record(step.thought)
@@ -399,6 +399,18 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             mixing_weights=step.thought.mixing_weight[:, None, None],
             thought_ids=step.thought.thought_ids[:, None, None],
             cache=cache,
+        )
+
+    def thinker(self) -> Thinker:
+        """The parts a cached decoding step thinks with (thinking.py), handed over explicitly."""
+        return Thinker(
+            base=self.model,
+            embed=self.get_input_embeddings(),
+            markers=self.marker_embeddings(),
+            mixing_head=self.mixing_head,
+            think_gate=self.think_gate,
+            marker_ids=self.marker_ids,
+            thought_length=self.config.thought_length,
         )
 
     def text_pass(

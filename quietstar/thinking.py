@@ -91,8 +91,23 @@ def check_cache(cache) -> None:
         )
 
 
+@dataclass
+class Thinker:
+    """What a decoding step needs from the Quiet-STaR model, handed over explicitly (the model builds it in
+    `QuietStarForCausalLM.thinker()`): the wrapped causal LM, its input embedding, the two marker embeddings (H,),
+    the mixing head, the think gate, the marker ids and the thought length T."""
+
+    base: nn.Module
+    embed: nn.Module
+    markers: tuple[Tensor, Tensor]
+    mixing_head: nn.Module
+    think_gate: ThinkGate
+    marker_ids: tuple[int, int]
+    thought_length: int
+
+
 def think_next_token(
-    model,
+    thinker: Thinker,
     input_ids: Tensor,
     attention_mask: Tensor | None,
     position_ids: Tensor | None,
@@ -113,9 +128,8 @@ def think_next_token(
     if attention_mask is None:
         attention_mask = torch.ones(batch, past + n_new, dtype=torch.long, device=device)
     cache.activate_past_recording()  # sliding-window layers: keep what `crop` must restore
-    start, end = model.marker_embeddings()
-    embed = model.get_input_embeddings()
-    thought_length = model.config.thought_length
+    start, end = thinker.markers
+    embed, thought_length = thinker.embed, thinker.thought_length
 
     def marker(row: Tensor) -> Tensor:  # (H,) -> (B, 1, H)
         return row.expand(batch, 1, -1).to(embed.weight.dtype)
@@ -128,7 +142,7 @@ def think_next_token(
         Returns the logits and final hidden states of the last two inputs, (B, <=2, V) and (B, <=2, H)."""
         nonlocal attention_mask
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, n_new_columns)], dim=1)
-        out = model.model(
+        out = thinker.base(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=positions,
@@ -148,18 +162,18 @@ def think_next_token(
     base_logits, next_logits, base_hidden = logits[:, -2], logits[:, -1], hidden[:, -2]
 
     # 2. adaptive: is a thought at this position worth its T + 1 calls?
-    predicted_gain = model.think_gate(base_hidden)
+    predicted_gain = thinker.think_gate(base_hidden)
     think = torch.ones_like(predicted_gain, dtype=torch.bool) if threshold is None else predicted_gain >= threshold
     if not think.any():
         cache.crop(-1)
         no_thought = torch.full((batch, thought_length), -1, dtype=torch.long, device=device)
         thought = ThoughtStep(no_thought, predicted_gain.new_zeros(batch), think, predicted_gain)
-        return StepResult(_log_probs(model, base_logits), base_logits, thought)
+        return StepResult(_log_probs(base_logits, thinker.marker_ids), base_logits, thought)
 
     # 3. the thought, one token at a time; t_T is fed together with the end marker
     tokens = []
     for step in range(1, thought_length + 1):
-        token = sample_thought_tokens(next_logits, temperature, model.marker_ids)  # t_step, (B,)
+        token = sample_thought_tokens(next_logits, temperature, thinker.marker_ids)  # t_step, (B,)
         tokens.append(token)
         if step < thought_length:
             logits, _ = run(embed(token)[:, None], chain_position(step, 1), n_new_columns=1)
@@ -169,18 +183,18 @@ def think_next_token(
     thought_logits, thought_hidden = logits[:, -1], hidden[:, -1]
 
     # 4. mixing, as in training; rows the gate skipped keep the base prediction
-    weight = model.mixing_head(base_hidden, thought_hidden) * think
+    weight = thinker.mixing_head(base_hidden, thought_hidden) * think
     mixed = mix_logits(base_logits, thought_logits, weight)
 
     # 5. forget the thought: the cache keeps only the text
     cache.crop(-(thought_length + 2))
     thought_ids = torch.stack(tokens, dim=-1).masked_fill(~think[:, None], -1)
     thought = ThoughtStep(thought_ids, weight.float(), think, predicted_gain)
-    return StepResult(_log_probs(model, mixed), base_logits, thought)
+    return StepResult(_log_probs(mixed, thinker.marker_ids), base_logits, thought)
 
 
-def _log_probs(model, logits: Tensor) -> Tensor:
+def _log_probs(logits: Tensor, marker_ids: tuple[int, int]) -> Tensor:
     """(B, V) -> log-probabilities with the marker tokens masked (a thought marker is never emitted as text)."""
     logits = logits.float().clone()
-    logits[:, list(model.marker_ids)] = float("-inf")
+    logits[:, list(marker_ids)] = float("-inf")
     return logits.log_softmax(dim=-1)
