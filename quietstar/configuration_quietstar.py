@@ -39,6 +39,14 @@ class QuietStarConfig(PreTrainedConfig):
             Weight of the base model's next-token NLL (paper: 0.5).
         mixed_loss_weight (`float`, *optional*, defaults to 0.5):
             Weight of the mixed (thought-conditioned) NLL over the A lookahead tokens (paper: 0.5).
+        thought_nll_weight (`float`, *optional*, defaults to 0.0):
+            Weight of a direct NLL term on the thought-conditioned prediction alone (p_thought of the A lookahead
+            tokens, without the mixing). Its gradient reaches the thought's readout whatever the mixing weight w is;
+            through the mixed NLL that gradient is scaled by w (0.018 at initialisation). Not in the paper (0); RLP
+            (2025) rewards log p(x | thought) directly. Combine with labels of -100 outside the tokens that matter.
+        initial_mixing_logit (`float`, *optional*, defaults to -4.0):
+            The mixing head's output bias at initialisation: w starts at sigmoid(initial_mixing_logit) everywhere
+            (-4 -> 0.018: the model starts as the base model; 0 -> 0.5).
         clip_advantage (`bool`, *optional*, defaults to `True`):
             Clip advantages below 0, so only thoughts better than the mean are reinforced (paper: True).
         thought_embedding_scale (`float`, *optional*, defaults to 100.0):
@@ -85,6 +93,8 @@ class QuietStarConfig(PreTrainedConfig):
     policy_weight: float | int = 1e6
     base_loss_weight: float | int = 0.5
     mixed_loss_weight: float | int = 0.5
+    thought_nll_weight: float | int = 0.0
+    initial_mixing_logit: float | int = -4.0
     clip_advantage: bool = True
     thought_embedding_scale: float | int = 100.0
     mixer_hidden_size: int | None = None
@@ -110,7 +120,7 @@ class QuietStarConfig(PreTrainedConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
         for name in ("thought_temperature", "inference_thought_temperature", "policy_weight", "base_loss_weight",
-                     "mixed_loss_weight"):
+                     "mixed_loss_weight", "thought_nll_weight"):
             if not getattr(self, name) >= 0:  # also rejects NaN
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if not self.thought_embedding_scale > 0:

@@ -12,12 +12,9 @@ rewards get gradient from the first step (with w = 0 they get none).
 import torch
 from torch import Tensor, nn
 
-INITIAL_MIXING_LOGIT = -4.0  # w = sigmoid(-4) ~= 0.018 at initialisation
-
-
 class MixingLogit(nn.Linear):
-    """The head's last layer; `QuietStarForCausalLM._init_weights` sets its weight to 0 and bias to
-    `INITIAL_MIXING_LOGIT`, so w starts at the same small value everywhere."""
+    """The head's last layer; `QuietStarForCausalLM._init_weights` sets its weight to 0 and its bias to
+    `config.initial_mixing_logit` (default -4: w = sigmoid(-4) ~= 0.018), so w starts at one value everywhere."""
 
 
 class MixingHead(nn.Module):

@@ -37,7 +37,7 @@ from transformers.utils import ModelOutput
 
 from .attention import ATTN_IMPLEMENTATION, ThoughtKV, register_quietstar_attention, thought_attention_kernel
 from .configuration_quietstar import QuietStarConfig
-from .mixing import INITIAL_MIXING_LOGIT, MixingHead, MixingLogit
+from .mixing import MixingHead, MixingLogit
 from .objective import LookaheadTargets, lookahead_index, quietstar_loss
 from .output_head import (
     CHUNK_ROWS,
@@ -75,7 +75,8 @@ class QuietStarCausalLMOutput(ModelOutput):
         base_logits: (B, L, V) the base model's next-token logits (no thought).
         mixing_weights: (B, N, L) the weight w of the thought-conditioned prediction used for `logits`.
         thought_ids: (B, N, L, T) the thought written after each position (N = 1 when thoughts are greedy).
-        nll_base, nll_mixed, policy_loss, reward_mean: the loss parts, detached, for logging.
+        nll_base, nll_mixed, policy_loss, reward_mean: the loss parts, detached, for logging; nll_thought (the
+            thought-conditioned prediction alone) when `thought_nll_weight` > 0.
         rewards: (B, N, L) each thought's reward (log-likelihood gain over the base on the A lookahead tokens);
             0 where the position has no complete lookahead.
         cache: the KV cache in a generation step (thought-free: prompt + generated text only); also readable as
@@ -90,6 +91,7 @@ class QuietStarCausalLMOutput(ModelOutput):
     thought_ids: Tensor | None = None
     nll_base: Tensor | None = None
     nll_mixed: Tensor | None = None
+    nll_thought: Tensor | None = None
     policy_loss: Tensor | None = None
     reward_mean: Tensor | None = None
     rewards: Tensor | None = None
@@ -224,7 +226,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         super()._init_weights(module)
         if isinstance(module, MixingLogit):
             init.zeros_(module.weight)
-            init.constant_(module.bias, INITIAL_MIXING_LOGIT)
+            init.constant_(module.bias, float(self.config.initial_mixing_logit))
         elif isinstance(module, ThinkGate):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
@@ -349,6 +351,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             thought_ids=thought_ids,
             nll_base=loss_parts.nll_base if loss_parts else None,
             nll_mixed=loss_parts.nll_mixed if loss_parts else None,
+            nll_thought=loss_parts.nll_thought if loss_parts else None,
             policy_loss=loss_parts.policy_loss if loss_parts else None,
             reward_mean=loss_parts.reward_mean if loss_parts else None,
             rewards=loss_parts.rewards if loss_parts else None,
@@ -547,6 +550,12 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             thoughts.head, base_hidden, thoughts.hidden, weights, targets.targets.unsqueeze(1).expand_as(weights),
             banned_ids=self.marker_ids, chunk_rows=chunk_rows,
         )
+        thought_log_probs = None
+        if config.thought_nll_weight > 0:  # (B, N, L, A): the post-thought prediction alone, no mixing
+            thought_log_probs = token_log_probs(
+                thoughts.head, thoughts.hidden, targets.targets.unsqueeze(1).expand_as(weights),
+                banned_ids=self.marker_ids, chunk_rows=chunk_rows,
+            )
         policy_log_probs = None
         if thoughts.policy_hidden is not None:  # (B, N, L, T): log pi(t_k) at the sampling temperature
             policy_log_probs = token_log_probs(
@@ -563,6 +572,8 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             mixed_loss_weight=config.mixed_loss_weight,
             policy_weight=config.policy_weight,
             clip_advantage=config.clip_advantage,
+            thought_log_probs=thought_log_probs,
+            thought_nll_weight=config.thought_nll_weight,
         )
 
     def _check_token_ids(self, input_ids: Tensor | None, labels: Tensor | None, thought_ids: Tensor | None) -> None:

@@ -11,6 +11,7 @@ Rewards are constants (no gradient flows through them); minimising -adv * log pi
 thoughts that beat their siblings. Like nanochat's RL, this is plain on-policy REINFORCE: no KL, no ratio clipping.
 
     loss = base_loss_weight * nll_base + mixed_loss_weight * nll_mixed + policy_weight * policy_loss
+           (+ thought_nll_weight * nll_thought, optional: the post-thought prediction alone, not in the paper)
 
 The targets live here too: which text position predicts which true token (`lookahead_index`), the true tokens
 after each position and which of them count (`LookaheadTargets`): the one place the forward, the loss and the
@@ -72,6 +73,7 @@ class QuietStarLoss:
     policy_loss: Tensor
     reward_mean: Tensor
     rewards: Tensor
+    nll_thought: Tensor | None = None
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -91,6 +93,8 @@ def quietstar_loss(
     mixed_loss_weight: float,
     policy_weight: float,
     clip_advantage: bool,
+    thought_log_probs: Tensor | None = None,
+    thought_nll_weight: float = 0.0,
 ) -> QuietStarLoss:
     """Combine the per-token log-probabilities into the Quiet-STaR loss.
 
@@ -101,6 +105,8 @@ def quietstar_loss(
             (a deterministic policy has no score function: the policy term is then 0).
         base_mask: (B, L) position i has a valid next token x_{i+1} (base NLL).
         thought_mask: (B, L) all A lookahead tokens of position i exist and are valid (mixed NLL, REINFORCE).
+        thought_log_probs: (B, N, L, A) log p_thought(x_{i+1+s}) from the post-thought states alone, for the
+            optional `thought_nll_weight` term (its gradient does not pass through the mixing weight).
     """
     nll_base = -masked_mean(base_log_probs[..., 0], base_mask)
     per_thought = thought_mask.unsqueeze(1)  # (B, 1, L), broadcast over thoughts
@@ -116,6 +122,10 @@ def quietstar_loss(
         policy_loss = -masked_mean(advantage * policy_log_probs.mean(dim=-1), per_thought)
 
     loss = base_loss_weight * nll_base + mixed_loss_weight * nll_mixed + policy_weight * policy_loss
+    nll_thought = None
+    if thought_log_probs is not None:
+        nll_thought = -masked_mean(thought_log_probs.mean(dim=-1), per_thought)
+        loss = loss + thought_nll_weight * nll_thought
     return QuietStarLoss(
         loss=loss,
         nll_base=nll_base.detach(),
@@ -123,4 +133,5 @@ def quietstar_loss(
         policy_loss=policy_loss.detach(),
         reward_mean=masked_mean(reward, per_thought),
         rewards=torch.where(per_thought, reward, 0.0),
+        nll_thought=nll_thought.detach() if nll_thought is not None else None,
     )
