@@ -22,7 +22,7 @@ from quietstar.hub import model_card, push_to_hub, save_for_hub
 
 MODEL_CODE = {  # the configuration and modeling files and every sibling they import, flattened
     "configuration_quietstar.py", "modeling_quietstar.py", "attention.py", "mixing.py", "objective.py", "sampling.py",
-    "thought_tokens.py", "thinking.py",
+    "thought_tokens.py", "thinking.py", "output_head.py",
 }
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "README.md"} | MODEL_CODE
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}

@@ -60,12 +60,18 @@ def test_lora_config_puts_lora_on_the_base_and_trains_mixing_head_and_markers_in
     assert frozen and all(p.grad is None for p in frozen)
 
 
-def test_adapter_round_trip_restores_lora_mixing_head_and_markers(tmp_path):
-    peft_model, _ = lora_model()
+def trained_lora_model():
+    """A trained PEFT model, its tokenizer, held-out ids and the logits it gives them in eval mode."""
+    peft_model, tokenizer = lora_model()
     train_steps(peft_model)
     ids = random_text(2, 9, seed=7)
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
+    return peft_model, tokenizer, ids, expected
+
+
+def test_adapter_round_trip_restores_lora_mixing_head_and_markers(tmp_path):
+    peft_model, _, ids, expected = trained_lora_model()
     markers = peft_model.base_model.model.marker_embeddings()
     peft_model.save_pretrained(tmp_path)
 
@@ -79,11 +85,7 @@ def test_adapter_round_trip_restores_lora_mixing_head_and_markers(tmp_path):
 
 
 def test_merged_model_saves_and_loads_as_a_plain_quietstar_model(tmp_path):
-    peft_model, tokenizer = lora_model()
-    train_steps(peft_model)
-    ids = random_text(2, 9, seed=7)
-    with torch.no_grad():
-        expected = peft_model(input_ids=ids).logits
+    peft_model, tokenizer, ids, expected = trained_lora_model()
     merged = peft_model.merge_and_unload()
     assert isinstance(merged, quietstar.QuietStarForCausalLM)
     merged.save_pretrained(tmp_path)
