@@ -3,6 +3,7 @@
     python benchmarks/memory_model.py validate   # predicted vs measured step memory, random llamas on this CPU
     python benchmarks/memory_model.py table      # the paper's settings (T=12, A=4, N=2, L=256) for four base shapes:
                                                  # which batch sizes fit in 24 / 80 / 141 GB
+    python benchmarks/memory_model.py floor      # measured step peak vs the floor's (S plain passes), checkpointed
 
 The step memory (what a training step adds on top of the weights and optimizer states) is, in bytes, with
 Nt = B * L text tokens, Nc = B * N * L * S chain tokens (S = T + A + 1), p the activation dtype's size:
@@ -214,6 +215,34 @@ def validate() -> list[dict]:
     return rows
 
 
+def measure_floor(base: BaseShape, step: StepShape) -> int:
+    """Peak live-tensor bytes of the floor: S plain forward+backward passes of the base over the same L tokens with
+    the N thoughts as extra rows (batch B * N), the same checkpointing; the passes run one after another."""
+    model = random_quietstar(base, step).model
+    rows = torch.randint(2, base.vocab - 2, (step.batch * step.n_thoughts, step.length), generator=torch.Generator().manual_seed(0))
+    model(rows, labels=rows, use_cache=False).loss.backward()  # warm-up
+    model.zero_grad(set_to_none=True)
+    tracker = LiveTensorBytes()
+    with tracker:
+        for _ in range(step.thought_length + step.lookahead + 1):
+            model(rows, labels=rows, use_cache=False).loss.backward()
+    return tracker.peak
+
+
+def compare_floor() -> list[dict]:
+    """Step peak vs floor peak, both with per-layer checkpointing (the issue's random llama, V = 8192)."""
+    base = BaseShape("llama-384x6", 384, 1024, 6, 6, 2, 8192, tied=True)
+    rows = []
+    print(f"{'base':>12} {'L':>4} {'T':>3} {'step MiB':>9} {'floor MiB':>10} {'ratio':>6}")
+    for length, thought_length in ((64, 4), (128, 4), (64, 12)):
+        step = StepShape(1, length, thought_length=thought_length, activation_bytes=4, checkpointing=True, attention="torch")
+        measured, floor = measure(base, step)["step"], measure_floor(base, step)
+        rows.append(dict(base=base.name, length=length, thought_length=thought_length, step_mib=measured / 2**20,
+                         floor_mib=floor / 2**20, ratio=measured / floor))
+        print(f"{base.name:>12} {length:>4} {thought_length:>3} {measured / 2**20:>9.1f} {floor / 2**20:>10.1f} {measured / floor:>6.2f}")
+    return rows
+
+
 def fit_table(batches=(1, 2, 4, 8, 16, 32, 64), budgets_gb=(24, 80, 141)) -> list[dict]:
     """The paper's step (L=256, T=12, A=4, N=2, bf16 autocast over fp32 weights, per-layer checkpointing, fused
     attention) for each shape: process memory at each batch size and the largest batch that fits each budget."""
@@ -233,12 +262,12 @@ def fit_table(batches=(1, 2, 4, 8, 16, 32, 64), budgets_gb=(24, 80, 141)) -> lis
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["validate", "table"])
+    parser.add_argument("what", choices=["validate", "table", "floor"])
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = validate() if args.what == "validate" else fit_table()
+    rows = {"validate": validate, "table": fit_table, "floor": compare_floor}[args.what]()
     print(json.dumps({"benchmark": f"memory_model_{args.what}", "rows": rows}))
 
 
