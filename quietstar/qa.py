@@ -18,6 +18,7 @@ answer"); every item needs one forward, which yields both the base and the after
 Thoughts are greedy by default (`thought_temperature=0`): the scores are then deterministic.
 """
 
+import copy
 import os
 import re
 from collections import Counter
@@ -26,11 +27,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from .datafiles import DataFormatError, file_sha256, read_jsonl
 from .modeling_quietstar import QuietStarForCausalLM
-from .scoring import right_pad, thought_sampling, token_log_probs
+from .scoring import next_token_distributions, thought_sampling
 
 MULTIPLE_CHOICE_EXAMPLE = '{"question": "...", "choices": {"label": ["A", "B"], "text": ["...", "..."]}, "answerKey": "A"}'
 GSM8K_EXAMPLE = '{"question": "...", "answer": "... #### 42"}'
@@ -138,23 +139,41 @@ def answer_prompt(question: str) -> str:
 # ---- scoring by probability ------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def continuation_log_probs(
     model: QuietStarForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, continuations: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(continuation | prompt) for each continuation, without and with thoughts: two (C,) tensors.
+    """log p(continuation | prompt) for each continuation, without and with thoughts: two (C,) float32 tensors.
 
-    Prompt and continuation are tokenised separately, so every continuation's tokens are exactly its own. All
-    continuations of one prompt go in one right-padded batch."""
+    Thinks only where it scores, as cached generation does: the prompt is encoded once (one thought, at its last
+    token, predicts every continuation's first token) and its KV cache is shared by all continuations; each further
+    continuation token is one cached decoding step on a copy of that cache. The parallel forward would think after
+    every prompt token, once per option. Prompt and continuation are tokenised separately, so every continuation's
+    tokens are exactly its own. (With an adaptive `think_threshold` the gate applies, as in `generate()`.)"""
     prompt_ids = tokenizer(prompt).input_ids
-    sequences = [prompt_ids + tokenizer(c, add_special_tokens=False).input_ids for c in continuations]
-    if any(len(s) == len(prompt_ids) for s in sequences):
-        raise ValueError(f"a continuation of {prompt!r} tokenises to nothing: {continuations}.")
-    input_ids, attention_mask = right_pad(sequences, pad_id=0)
-    scores = token_log_probs(model, input_ids, attention_mask)
-    # scores[:, i] is log p(token i+1): the continuation's tokens are predicted at len(prompt)-1 .. len(sequence)-2
-    in_continuation = torch.arange(input_ids.shape[1] - 1) >= len(prompt_ids) - 1
-    mask = scores.valid & in_continuation
-    return (scores.base * mask).sum(-1), (scores.mixed * mask).sum(-1)
+    continuation_ids = [tokenizer(c, add_special_tokens=False).input_ids for c in continuations]
+    if not prompt_ids or any(not ids for ids in continuation_ids):
+        raise ValueError(f"the prompt {prompt!r} or a continuation of it tokenises to nothing: {continuations}.")
+    cache = DynamicCache(config=model.config.text_config)
+    first_base, first_mixed = _step_log_probs(model, [prompt_ids], cache)
+    base_scores, mixed_scores = [], []
+    for ids in continuation_ids:
+        base, mixed = first_base[ids[0]], first_mixed[ids[0]]
+        branch = copy.deepcopy(cache) if len(ids) > 1 else None
+        for token, next_token in zip(ids[:-1], ids[1:]):
+            step_base, step_mixed = _step_log_probs(model, [[token]], branch)
+            base, mixed = base + step_base[next_token], mixed + step_mixed[next_token]
+        base_scores.append(base)
+        mixed_scores.append(mixed)
+    return torch.stack(base_scores).cpu(), torch.stack(mixed_scores).cpu()
+
+
+def _step_log_probs(model: QuietStarForCausalLM, new_ids: list[list[int]], cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cached decoding step on `new_ids` (1, P): log-probabilities (V,) of the next token without thinking (the
+    base logits, markers masked) and after thinking at the last new token (the model's output)."""
+    out = model(torch.tensor(new_ids, device=model.device), cache=cache)
+    base, mixed = next_token_distributions(out, model.marker_ids)
+    return base[0, -1], mixed[0, -1]
 
 
 def score_multiple_choice(

@@ -70,16 +70,21 @@ def token_log_probs(
     return TokenLogProbs(base=base.cpu(), mixed=mixed.cpu(), valid=valid.cpu(), hidden=hidden)
 
 
-def next_token_log_probs(outputs, targets: Tensor, marker_ids: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """From one forward's output (`base_logits`, `logits` (B, L, V)), log p(x_{i+1}) of `targets` (B, L-1) (ids >= 0)
-    without thinking (base; the markers masked, so both are distributions over text tokens) and with it (mixed: the
-    output's log-probabilities). Returns base, mixed (B, L-1) float32."""
-    targets = targets.unsqueeze(-1)
-    base_logits = outputs.base_logits[:, :-1].float()
+def next_token_distributions(outputs, marker_ids: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """From one forward's output (`base_logits`, `logits` (B, L, V)), the next-token log-probabilities over the whole
+    vocabulary without thinking (base, the markers masked, so both are distributions over text tokens) and with it
+    (the output's log-probabilities). Returns base, mixed (B, L, V) float32."""
+    base_logits = outputs.base_logits.float()
     base_logits[..., list(marker_ids)] = float("-inf")
-    base = base_logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
-    mixed = outputs.logits[:, :-1].float().gather(-1, targets).squeeze(-1)  # already log-probabilities
-    return base, mixed
+    return base_logits.log_softmax(-1), outputs.logits.float()
+
+
+def next_token_log_probs(outputs, targets: Tensor, marker_ids: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """log p(x_{i+1}) of `targets` (B, L-1) (ids >= 0) without and with thinking (`next_token_distributions` at
+    positions 0 .. L-2). Returns base, mixed (B, L-1) float32."""
+    base, mixed = next_token_distributions(outputs, marker_ids)
+    targets = targets.unsqueeze(-1)
+    return base[:, :-1].gather(-1, targets).squeeze(-1), mixed[:, :-1].gather(-1, targets).squeeze(-1)
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -93,4 +98,4 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return input_ids, attention_mask
 
 
-__all__ = ["TokenLogProbs", "thought_sampling", "token_log_probs", "next_token_log_probs", "right_pad"]
+__all__ = ["TokenLogProbs", "thought_sampling", "token_log_probs", "next_token_log_probs", "next_token_distributions", "right_pad"]
