@@ -13,9 +13,9 @@ Dimensions:
     Sq query chain steps in this call, Sk own chain keys, D head dim, J text keys in a block.
 """
 
+import copy
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 
 import torch
 from einops import einsum, rearrange
@@ -158,7 +158,6 @@ def thought_attention_kernel(backend: str, device: torch.device) -> Callable[...
 # `quietstar_kv` keyword; transformers forwards it from the model call to every attention layer.
 
 
-@dataclass
 class ThoughtKV:
     """Per-layer keys/values shared by the passes of one Quiet-STaR forward.
 
@@ -167,20 +166,31 @@ class ThoughtKV:
     pass, else the chain step of the pass's first query; `streaming` says whether the pass appends to the chain
     buffer (sampling) or carries whole chains from step 0 (teacher forcing). `kernel` is the thought-attention
     implementation, resolved once per forward by `thought_attention_kernel`.
+
+    A plain class on purpose, not a dataclass or a dict: wrappers that rebuild the containers in a module's keyword
+    arguments on the way to its forward (FSDP2's pre-forward hooks do) pass it through untouched, so every layer
+    records into, and reads from, the same dicts.
     """
 
-    n_thoughts: int
-    n_positions: int
-    max_steps: int = 0
-    kernel: Callable[..., Tensor] = thought_attention
-    step_offset: int | None = None
-    streaming: bool = False
-    text: dict[nn.Module, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    own: dict[nn.Module, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    def __init__(
+        self,
+        n_thoughts: int,
+        n_positions: int,
+        max_steps: int = 0,
+        kernel: Callable[..., Tensor] = thought_attention,
+        step_offset: int | None = None,
+        streaming: bool = False,
+    ):
+        self.n_thoughts, self.n_positions, self.max_steps, self.kernel = n_thoughts, n_positions, max_steps, kernel
+        self.step_offset, self.streaming = step_offset, streaming
+        self.text: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+        self.own: dict[nn.Module, tuple[Tensor, Tensor]] = {}
 
     def at(self, step_offset: int, streaming: bool = False) -> "ThoughtKV":
         """A view for a thought pass starting at chain step `step_offset`, sharing this object's K/V."""
-        return replace(self, step_offset=step_offset, streaming=streaming)
+        view = copy.copy(self)  # shallow: the same `text` and `own` dicts
+        view.step_offset, view.streaming = step_offset, streaming
+        return view
 
     def attend(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, scaling: float | None) -> Tensor:
         """query (B, Hq, N*L*Sq, D), key/value (B, Hkv, N*L*Sq, D) in "(n l s)" order -> (B, N*L*Sq, Hq, D)."""
