@@ -493,7 +493,8 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         )  # (B, N, L, S, H)
         hidden = self._run_chain(text, chain, step_offset=0)
         head = OutputHead.of(self.model)
-        head.check(text.hidden[:, -1].detach(), text.logits[:, -1].detach())  # one row: cheap, and catches unknown heads
+        if not torch.compiler.is_compiling():  # one row: cheap, and catches unknown heads (a graph break when compiled)
+            head.check(text.hidden[:, -1].detach(), text.logits[:, -1].detach())
         return ThoughtPass(
             policy_hidden=hidden[..., :thought_length, :] if with_policy else None,
             hidden=hidden[..., thought_length + 1 :, :],  # EoT .. x_{i+A-1}: the predictions of x_{i+1} .. x_{i+A}
@@ -593,6 +594,8 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 continue
             if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
                 raise ValueError(f"`{name}` must hold integer token ids (torch.long), got dtype {ids.dtype}; use .long().")
+            if torch.compiler.is_compiling():  # data-dependent checks would break the graph; they run in eager mode
+                continue
             real = ids[ids != -100] if name == "labels" else ids
             if real.numel() and (real.min() < 0 or real.max() >= vocab_size):
                 bad = real[(real < 0) | (real >= vocab_size)][0].item()
