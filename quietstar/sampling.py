@@ -1,8 +1,9 @@
-"""Thought sampling: the policy that writes thoughts, used both to sample them and to score them for REINFORCE.
+"""Thought sampling: the policy that writes thoughts.
 
 The policy at one chain step is softmax(logits / temperature) with the two marker tokens removed (a thought never
-opens or closes itself). Sampling and the policy log-probabilities use this same distribution; the reference code
-sampled at temperature 1 but scored at 3, which is the gradient of a different policy.
+opens or closes itself). REINFORCE scores the thoughts under this same distribution (`output_head.token_log_probs`
+with the same temperature and banned ids); the reference code sampled at temperature 1 but scored at 3, which is
+the gradient of a different policy.
 """
 
 from collections.abc import Sequence
@@ -34,9 +35,3 @@ def sample_thought_tokens(logits: Tensor, temperature: float, banned_ids: Sequen
     scaled = policy_logits(logits, temperature, banned_ids)
     gumbel = -torch.empty_like(scaled).exponential_().log_()
     return (scaled + gumbel).argmax(dim=-1)
-
-
-def thought_log_probs(logits: Tensor, tokens: Tensor, temperature: float, banned_ids: Sequence[int]) -> Tensor:
-    """log pi(token) under the sampling policy. logits (..., V), tokens (...) -> (...) float32."""
-    log_probs = policy_logits(logits, temperature, banned_ids).log_softmax(dim=-1)
-    return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

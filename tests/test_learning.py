@@ -4,7 +4,7 @@ probability of a rewarded thought."""
 import torch
 
 from conftest import make_model, random_text
-from quietstar.sampling import thought_log_probs
+from quietstar.output_head import token_log_probs
 
 
 def test_a_few_steps_lower_the_loss_and_reach_every_quietstar_parameter():
@@ -37,7 +37,10 @@ def policy_log_prob(model, input_ids, thought_ids):
     config = model.config
     text = model.text_pass(input_ids, None, config.thought_length + config.lookahead + 1)
     thoughts = model.thought_pass(text, thought_ids, config.lookahead)
-    return thought_log_probs(thoughts.policy_logits(), thought_ids, config.thought_temperature, model.marker_ids).sum(-1)
+    return token_log_probs(
+        thoughts.head, thoughts.policy_hidden, thought_ids, temperature=config.thought_temperature,
+        banned_ids=model.marker_ids,
+    ).sum(-1)
 
 
 def test_reinforce_raises_the_log_prob_of_the_rewarded_thought():
