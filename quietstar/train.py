@@ -2,8 +2,8 @@
 
     quietstar train [CONFIG] [--output-dir DIR] [--resume [CHECKPOINT]] [--section.key VALUE ...]
 
-CONFIG is a YAML file or the name of a bundled config (default: `default`, SmolLM2-135M-Instruct on the built-in
-arithmetic problems, CPU-sized). The run: evaluate the held-out NLL without and with thoughts, train with
+CONFIG is a YAML file, the name of a bundled config (default: `default`, SmolLM2-135M-Instruct on the built-in
+arithmetic problems, CPU-sized) or of a recipe (`multihop`: tasks/multihop_train.py, both stages from scratch). The run: evaluate the held-out NLL without and with thoughts, train with
 `QuietStarTrainer` (progress bar, `metrics.jsonl`, checkpoints every `save_steps`), evaluate again, save the model
 (`save_pretrained`: loads with `AutoModelForCausalLM.from_pretrained`) and tokenizer into the output directory, and
 print the before/after table. With a `lora:` section the model is trained as a PEFT LoRA model (`quietstar.lora`);
@@ -162,8 +162,28 @@ def split_train_arguments(tokens: list[str]) -> tuple[str | None, dict]:
     return config, parse_overrides(tokens)
 
 
+# Recipes: runs that are more than one config (several stages, their own data and report), named like a config.
+RECIPES = ("multihop",)
+
+
+def run_recipe(name: str, args: argparse.Namespace, overrides: dict) -> int:
+    """`quietstar train multihop --output-dir DIR [--steps 50 ...]`: both stages of the multi-hop recipe."""
+    from .tasks.multihop_train import MultihopSettings, format_report, run_multihop
+
+    if args.output_dir is None:
+        raise SystemExit(f"quietstar train {name}: give --output-dir DIR (the model and report go there).")
+    if args.resume is not None:
+        raise SystemExit(f"quietstar train {name}: --resume is not supported by recipes; rerun them (they take minutes).")
+    report = run_multihop(args.output_dir, MultihopSettings.from_overrides(overrides))
+    print(format_report(report))
+    print(f"saved to {args.output_dir} (model, tokenizer, base/, report.json, report.md, gain.svg, metrics.jsonl)")
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     config_name, overrides = split_train_arguments(args.extra_arguments)
+    if config_name in RECIPES:
+        return run_recipe(config_name, args, overrides)
     if args.output_dir is not None:
         overrides["training.output_dir"] = args.output_dir
     if args.resume is not None:

@@ -1,0 +1,1 @@
+"""Synthetic tasks where thinking must help: generated, deterministic, no downloads."""
