@@ -13,6 +13,7 @@ without a `lora:` section: the adapter is merged on the main process).
 """
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,12 @@ from .configuration_quietstar import QuietStarConfig
 from .data import WindowCollator, build_datasets, pad_token_id
 from .default_base import convert_gguf, default_base_path, default_cache_dir
 from .modeling_quietstar import QuietStarForCausalLM
+from .plots import line_plot
 from .train_config import TrainConfig, load_train_config, parse_overrides
 from .trainer import JsonlMetricsCallback, QuietStarTrainer
 
 METRICS_FILE = "metrics.jsonl"
+GAIN_PLOT = "gain.svg"  # held-out gain against step, drawn at the end of every run
 CONFIG_FILE = "quietstar_train.yaml"  # the resolved config, saved beside the model
 ADAPTER_DIR = "adapter"  # with a `lora:` section: the PEFT adapter (+ mixing head and markers), inside the output dir
 
@@ -109,7 +112,23 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
             tokenizer.save_pretrained(output_dir)
     if trainer.is_world_process_zero():
         (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        plot_gain(output_dir / METRICS_FILE, output_dir / GAIN_PLOT)
     return TrainResult(output_dir, before, after, trainer.state.log_history)
+
+
+def plot_gain(metrics_file: Path, path: Path) -> Path | None:
+    """The held-out NLL gain of thinking (`*_nll_gain` of every evaluation in `metrics_file`: before, during, after
+    training) against the training step, as an SVG; None when the run had no held-out data. (The metrics file, not
+    the Trainer's log history: `train()` starts a new history, which would drop the "before" evaluation.)"""
+    entries = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    points = [(entry["step"], value) for entry in entries for key, value in entry.items() if key.endswith("_nll_gain")]
+    if not points:
+        return None
+    steps, gains = zip(*points)
+    return line_plot(
+        {"held-out NLL gain (nats/token)": (list(steps), list(gains))},
+        path, title="does thinking help? base NLL - NLL with thoughts", xlabel="training step", ylabel="nats per token",
+    )
 
 
 def _resume_argument(value: str | None) -> str | bool | None:
@@ -130,7 +149,10 @@ def format_summary(result: TrainResult, n_eval: int, window: int) -> str:
                 f"{name:18}{metrics[f'{prefix}_nll_base']:12.4f}{metrics[f'{prefix}_nll_mixed']:14.4f}"
                 f"{metrics[f'{prefix}_nll_gain']:+9.4f}{metrics[f'{prefix}_mixing_weight']:12.4f}"
             )
-    lines.append(f"saved to {result.output_dir} (AutoModelForCausalLM.from_pretrained loads it; metrics in {METRICS_FILE})")
+    lines.append(
+        f"saved to {result.output_dir} (AutoModelForCausalLM.from_pretrained loads it; metrics in {METRICS_FILE}, "
+        f"gain plot in {GAIN_PLOT})"
+    )
     return "\n".join(lines)
 
 

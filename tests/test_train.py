@@ -3,6 +3,7 @@ exact resume after an interruption, and the errors for bad configs and bad data.
 
 import json
 import random
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -81,6 +82,13 @@ def test_train_command_end_to_end(tiny_base, text_file, tmp_path, capsys):
     after = next(entry for entry in logs if "after_nll_base" in entry)
     assert after["after_nll_base"] < before["before_nll_base"]  # lr 1e-3 on repetitive text: the base learns
     assert f"{before['before_nll_base']:.4f}" in printed and f"{after['after_nll_mixed']:.4f}" in printed
+    for prefix, entry in (("before", before), ("after", after)):  # every evaluation logs a w histogram and hard tokens
+        assert len(entry[f"{prefix}_mixing_weight_histogram"]) == 10
+        assert 1 <= len(entry[f"{prefix}_hard_tokens"]) <= 5
+
+    svg = ElementTree.parse(output_dir / "gain.svg").getroot()  # the gain plot: one point per evaluation
+    circles = svg.findall("{http://www.w3.org/2000/svg}circle")
+    assert len(circles) == sum(1 for entry in logs if any(key.endswith("_nll_gain") for key in entry)) == 3  # before, step 4, after
 
 
 def test_loss_parts_add_up_to_the_logged_loss(tiny_base, text_file, tmp_path):
@@ -118,6 +126,16 @@ def test_evaluate_is_the_next_token_nll_without_and_with_thinking(tmp_path):
     assert metrics["eval_nll_mixed"] == pytest.approx(nll_mixed.item(), abs=1e-5)
     assert metrics["eval_nll_gain"] == pytest.approx((nll_base - nll_mixed).item(), abs=2e-5)
     assert metrics["eval_mixing_weight"] == pytest.approx(out.mixing_weights[:, :, :-1].mean().item(), abs=1e-5)
+
+    logged = trainer.state.log_history[-1]  # the log also holds the histogram of w and the hardest tokens
+    weights = out.mixing_weights[:, 0, :-1].flatten()
+    expected = torch.histc(weights.double(), bins=10, min=0, max=1)
+    assert logged["eval_mixing_weight_histogram"] == [int(c) for c in expected.tolist()]
+    base_nll = -base_logits.log_softmax(-1).gather(-1, targets).squeeze(-1)  # (B, L-1)
+    hardest = base_nll.flatten().topk(5).values.tolist()
+    assert [t["nll_base"] for t in logged["eval_hard_tokens"]] == pytest.approx(hardest, abs=1e-3)
+    row, position = divmod(int(base_nll.flatten().argmax()), base_nll.shape[1])
+    assert logged["eval_hard_tokens"][0]["thought"] == str(out.thought_ids[row, 0, position].tolist())  # no tokenizer
 
 
 def test_a_saved_quietstar_model_continues_training(tiny_base, text_file, tmp_path):
