@@ -14,7 +14,6 @@ Dimensions:
 """
 
 import copy
-import os
 from collections.abc import Callable
 
 import torch
@@ -26,8 +25,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 ATTN_IMPLEMENTATION = "quietstar"
-BACKENDS = ("auto", "triton", "torch")
-BACKEND_ENV = "QUIETSTAR_THOUGHT_ATTENTION"  # overrides the config's `thought_attention_backend` when set
 
 # Positions per block in the reference: scores of one block are (B, N, Hq, BLOCK, Sq, <= L + Sk).
 POSITION_BLOCK = 128
@@ -131,27 +128,6 @@ def _check_shapes(q, k_base, v_base, k_own, v_own, step_offset: int) -> None:
         )
 
 
-def thought_attention_kernel(backend: str, device: torch.device) -> Callable[..., Tensor]:
-    """The thought-attention implementation to use: "triton" (fused kernels, `triton_kernels` package), "torch" (the
-    reference above) or "auto" (triton on CUDA tensors when importable, else torch). `$QUIETSTAR_THOUGHT_ATTENTION`
-    overrides `backend`, for debugging and benchmarks."""
-    backend = os.environ.get(BACKEND_ENV, backend)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown thought attention backend {backend!r}; choose one of {BACKENDS}.")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
-        return thought_attention
-    try:  # optional: absent where only the saved model code is installed (trust_remote_code) or without triton
-        from triton_kernels import thought_attention as fused
-    except ImportError as error:
-        if backend == "triton":
-            raise ImportError(
-                "the triton thought attention backend needs the `triton_kernels` package (installed with quietstar) "
-                f"and triton: {error}"
-            ) from error
-        return thought_attention
-    return fused
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # transformers integration: one attention function serves the text pass (plain causal attention, recording K/V) and
 # the thought passes (thought attention over the recorded text K/V). The model passes a `ThoughtKV` as the
@@ -165,7 +141,7 @@ class ThoughtKV:
     buffer (B, N, Hkv, L, max_steps, D) for passes that generate chains step by step. `step_offset` is None in the text
     pass, else the chain step of the pass's first query; `streaming` says whether the pass appends to the chain
     buffer (sampling) or carries whole chains from step 0 (teacher forcing). `kernel` is the thought-attention
-    implementation, resolved once per forward by `thought_attention_kernel`.
+    implementation, resolved once per forward by `attention_backend.thought_attention_kernel`.
 
     A plain class on purpose, not a dataclass or a dict: wrappers that rebuild the containers in a module's keyword
     arguments on the way to its forward (FSDP2's pre-forward hooks do) pass it through untouched, so every layer

@@ -35,7 +35,8 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from .attention import ATTN_IMPLEMENTATION, ThoughtKV, register_quietstar_attention, thought_attention_kernel
+from .attention import ATTN_IMPLEMENTATION, ThoughtKV, register_quietstar_attention
+from .attention_backend import thought_attention_kernel
 from .configuration_quietstar import QuietStarConfig
 from .mixing import MixingHead, MixingLogit
 from .objective import LookaheadTargets, lookahead_index, quietstar_loss

@@ -16,12 +16,13 @@ from transformers import AutoModelForCausalLM
 
 import quietstar
 from conftest import make_model, random_text
-from quietstar.attention import thought_attention, thought_attention_kernel
+from quietstar.attention import thought_attention
+from quietstar.attention_backend import thought_attention_kernel
 from quietstar.checkpoints import CheckpointError, load_checkpoint
 from quietstar.hub import model_card, push_to_hub, save_for_hub
 
 MODEL_CODE = {  # the configuration and modeling files and every sibling they import, flattened
-    "configuration_quietstar.py", "modeling_quietstar.py", "attention.py", "mixing.py", "objective.py", "sampling.py",
+    "configuration_quietstar.py", "modeling_quietstar.py", "attention.py", "attention_backend.py", "mixing.py", "objective.py", "sampling.py",
     "thought_tokens.py", "thinking.py", "output_head.py",
 }
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "README.md"} | MODEL_CODE

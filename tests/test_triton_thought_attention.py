@@ -9,7 +9,7 @@ import torch
 
 import quietstar
 import triton_kernels
-from quietstar.attention import thought_attention_kernel
+from quietstar.attention_backend import thought_attention_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("out", "dq", "dk_base", "dv_base", "dk_own", "dv_own")

@@ -193,13 +193,15 @@ def evaluate(model: QuietStarForCausalLM, tokenizer, problems: list[multihop.Pro
     holds_all = [all(i in t for i in ids) for t, ids in zip(thoughts.tolist(), node_ids)]
     holds_any = [any(i in t for i in ids) for t, ids in zip(thoughts.tolist(), node_ids)]
     nll_base, nll_mixed = -base[rows, answer], -mixed[rows, answer]
+    right_base, right_mixed = (base.argmax(-1) == answer).float(), (mixed.argmax(-1) == answer).float()
     result = {
         "answer_nll_without": float(nll_base.mean()),
         "answer_nll_with": float(nll_mixed.mean()),
         "nll_gain": float((nll_base - nll_mixed).mean()),
         "nll_gain_ci95": bootstrap_ci((nll_base - nll_mixed).tolist()),
-        "accuracy_without": float((base.argmax(-1) == answer).float().mean()),
-        "accuracy_with": float((mixed.argmax(-1) == answer).float().mean()),
+        "accuracy_without": float(right_base.mean()),
+        "accuracy_with": float(right_mixed.mean()),
+        "accuracy_gain_ci95": bootstrap_ci((right_mixed - right_base).tolist()),
         "mixing_weight": float(outputs.mixing_weights[rows, 0, position].mean()),
         "thoughts_with_all_intermediates": sum(holds_all) / len(problems),
         "thoughts_with_any_intermediate": sum(holds_any) / len(problems),
@@ -247,7 +249,11 @@ def train_thinking(base: LlamaForCausalLM, tokenizer, settings: MultihopSettings
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % settings.eval_every == 0 or step == settings.steps:
-            parts = {name: round(float(getattr(outputs, name)), 4) for name in ("loss", "nll_mixed", "nll_thought", "policy_loss", "reward_mean")}
+            parts = {  # nll_thought is None when its weight is 0
+                name: round(float(getattr(outputs, name)), 4)
+                for name in ("loss", "nll_mixed", "nll_thought", "policy_loss", "reward_mean")
+                if getattr(outputs, name) is not None
+            }
             history.append({"step": step, **parts, **evaluate(model, tokenizer, held_out)})
             log({"stage": 2, **history[-1]})
     return model, history
@@ -319,14 +325,16 @@ def format_report(report: dict) -> str:
         "",
         f"Held-out: {len(final['thoughts']) and report['settings']['eval_problems']} problems (seed + {EVAL_SEED_OFFSET}), greedy thoughts.",
         "",
-        "| step | answer NLL without | with thoughts | gain [95% CI] | accuracy without | with thoughts | w at ':' | thoughts holding x1, x2 | base chain accuracy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| step | answer NLL without | with thoughts | gain [95% CI] | accuracy without | with thoughts | gain [95% CI] | w at ':' | thoughts holding x1, x2 | base chain accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for h in report["history"]:
         low, high = h["nll_gain_ci95"]
+        accuracy_low, accuracy_high = h["accuracy_gain_ci95"]
         lines.append(
             f"| {h['step']} | {h['answer_nll_without']:.3f} | {h['answer_nll_with']:.3f} | {h['nll_gain']:+.3f} "
             f"[{low:+.3f}, {high:+.3f}] | {h['accuracy_without']:.3f} | {h['accuracy_with']:.3f} | "
+            f"{h['accuracy_with'] - h['accuracy_without']:+.3f} [{accuracy_low:+.3f}, {accuracy_high:+.3f}] | "
             f"{h['mixing_weight']:.3f} | {h['thoughts_with_all_intermediates']:.3f} | {h['base_chain_accuracy']:.3f} |"
         )
     targets = report["targets"]
