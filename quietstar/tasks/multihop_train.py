@@ -250,7 +250,7 @@ def train_thinking(base: LlamaForCausalLM, tokenizer, settings: MultihopSettings
         optimizer.zero_grad(set_to_none=True)
         if step % settings.eval_every == 0 or step == settings.steps:
             parts = {  # nll_thought is None when its weight is 0
-                name: round(float(getattr(outputs, name)), 4)
+                name: round(float(getattr(outputs, name).detach()), 4)
                 for name in ("loss", "nll_mixed", "nll_thought", "policy_loss", "reward_mean")
                 if getattr(outputs, name) is not None
             }
