@@ -163,6 +163,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         self.mixing_head = MixingHead(hidden_size, config.mixer_hidden_size)
         self.think_gate = ThinkGate(hidden_size)  # adaptive thinking in generate(); calibrated by adaptive.py
         self.post_init()
+        _install_output_capturing(self.model)
 
     # ---- construction --------------------------------------------------------------------------------------------
 
@@ -649,6 +650,22 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("pass the KV cache once: as `cache` (transformers >= 5.24) or as `past_key_values`, not both.")
     return cache if cache is not None else past_key_values
+
+
+def _install_output_capturing(base: PreTrainedModel) -> None:
+    """Install transformers' output-capturing hooks on the base's decoder now, at construction.
+
+    The text pass asks the base for `output_hidden_states`; transformers installs the hooks that collect them lazily,
+    on the first such call, under a `threading.Lock` that torch.compile cannot trace. When that first call happens
+    inside `torch.compile(model)`, the graph breaks there (3 breaks on a llama base). Installed here, in eager mode,
+    the compiled forward finds them in place and traces as one graph. Eager behaviour is unchanged: the same hooks
+    would be installed by the first eager forward. An older transformers without this module needs nothing here.
+    """
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    maybe_install_capturing_hooks(base.get_decoder())
 
 
 def _keep(logits: Tensor, logits_to_keep: int | Tensor) -> Tensor:
