@@ -67,8 +67,8 @@ def _assert_forward_equal(model, compiled, ids) -> None:
 
 
 def test_compiled_training_step_equals_eager():
-    """Train mode, labels, N = 2 sampled thoughts, every loss term: loss and every parameter's gradient. The graph breaks
-    only where the forward runs eagerly on purpose (transformers' output capturing used to break it 3 times)."""
+    """Train mode, labels, N = 2 sampled thoughts, every loss term: loss and every parameter's gradient. The graph
+    breaks only where the forward runs eagerly on purpose (transformers' output capturing used to break it 3 times)."""
     model = _tiny_model(thought_nll_weight=0.5).train()
     _assert_training_step_equal(model, torch.compile(model, backend="aot_eager"), random_text(2, 8))
     breaks = torch._dynamo.utils.counters["graph_break"]
