@@ -81,11 +81,15 @@ def test_compiled_forward_equals_eager():
     _assert_forward_equal(model, torch.compile(model, backend="aot_eager"), random_text(2, 8))
 
 
-@pytest.mark.slow  # inductor's C++ kernel compilation: minutes on 2 CPU cores
+@pytest.mark.slow  # inductor's C++ kernel compilation: about 7 minutes on 2 CPU cores
 def test_inductor_forward_and_training_step_equal_eager():
-    model = _tiny_model()
+    # policy_weight 1 instead of the default 1e6: inductor's fused kernels round differently from ATen's (float32,
+    # ~1e-7), and the rewards are differences of nearly equal log-probabilities, so the default weight magnifies that
+    # rounding to ~1e-4 of the loss. The check is about what compiles, not about that amplification.
+    model = _tiny_model(policy_weight=1.0)
     compiled = torch.compile(model)
     ids = random_text(2, 8)
     _assert_forward_equal(model, compiled, ids)
     model.train()
+    _training_step(compiled, model, ids)  # compiles; compiling draws from the global RNG, so compare the next step
     _assert_training_step_equal(model, compiled, ids)
