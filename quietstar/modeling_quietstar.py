@@ -164,6 +164,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         self.mixing_head = MixingHead(hidden_size, config.mixer_hidden_size)
         self.think_gate = ThinkGate(hidden_size)  # adaptive thinking in generate(); calibrated by adaptive.py
         self.post_init()
+        _install_output_capturing(self.model)
 
     # ---- construction --------------------------------------------------------------------------------------------
 
@@ -455,6 +456,12 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         hidden_states = out.hidden_states if all_hidden_states else out.hidden_states[-1:]
         return TextPass(input_ids, position_ids, out.logits, hidden_states, kv)
 
+    # Not compiled: under `torch.compile(model)` sampling runs eagerly between the compiled text and thought passes
+    # (a graph break). Its T steps are T more decoder passes whose attention shapes change step by step (the chain
+    # grows), so traced they unroll into T copies of the decoder: 1411 FX nodes for the tiny test llama's training
+    # forward instead of 624 with given thoughts, and kernels per step, for work without gradient. Eager, it also
+    # draws the same thoughts as the eager model under the same seed.
+    @torch.compiler.disable
     @torch.no_grad()
     def sample_thoughts(self, text: TextPass, temperature: float) -> Tensor:
         """Step 2: sample T tokens after every position, N thoughts each, all positions in parallel.
@@ -542,28 +549,16 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     def _objective(self, text, thoughts, thought_ids, base_hidden, weights, labels, attention_mask, temperature):
         """Step 5: per-token log-probabilities (chunked over the vocabulary, output_head.py) -> `quietstar_loss`.
         The marker tokens are masked in every distribution, as in inference."""
-        config, chunk_rows = self.config, self._chunk_rows(text)
+        config = self.config
         length, lookahead = labels.shape[1], weights.shape[-1]
         targets = LookaheadTargets.build(labels, attention_mask, lookahead)
         next_labels = torch.cat([labels[:, 1:], labels[:, :1]], dim=1).clamp(min=0)  # last column: never valid
-        base_log_probs = logits_token_log_probs(text.logits, next_labels, banned_ids=self.marker_ids, chunk_rows=chunk_rows)
-        base_log_probs = base_log_probs[:, lookahead_index(length, lookahead, labels.device)]  # (B, L, A)
-        mixed_log_probs = mixed_token_log_probs(  # (B, N, L, A)
-            thoughts.head, base_hidden, thoughts.hidden, weights, targets.targets.unsqueeze(1).expand_as(weights),
-            banned_ids=self.marker_ids, chunk_rows=chunk_rows,
+        mixed_targets = targets.targets.unsqueeze(1).expand_as(weights)  # (B, N, L, A)
+        base_log_probs, mixed_log_probs, thought_log_probs, policy_log_probs = self._vocabulary_log_probs(
+            text.logits, next_labels, base_hidden, thoughts.hidden, weights, mixed_targets, thoughts.policy_hidden,
+            thought_ids, temperature, self._chunk_rows(text),
         )
-        thought_log_probs = None
-        if config.thought_nll_weight > 0:  # (B, N, L, A): the post-thought prediction alone, no mixing
-            thought_log_probs = token_log_probs(
-                thoughts.head, thoughts.hidden, targets.targets.unsqueeze(1).expand_as(weights),
-                banned_ids=self.marker_ids, chunk_rows=chunk_rows,
-            )
-        policy_log_probs = None
-        if thoughts.policy_hidden is not None:  # (B, N, L, T): log pi(t_k) at the sampling temperature
-            policy_log_probs = token_log_probs(
-                thoughts.head, thoughts.policy_hidden, thought_ids, temperature=temperature,
-                banned_ids=self.marker_ids, chunk_rows=chunk_rows,
-            )
+        base_log_probs = base_log_probs[:, lookahead_index(length, lookahead, labels.device)]  # (B, L, A)
         return quietstar_loss(
             base_log_probs,
             mixed_log_probs,
@@ -577,6 +572,44 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             thought_log_probs=thought_log_probs,
             thought_nll_weight=config.thought_nll_weight,
         )
+
+    # Not compiled: under `torch.compile(model)` this runs eagerly between two compiled graphs (graph breaks). Its chunk
+    # loops (output_head.py) unroll when traced, and every chunk gets its own kernels, forward and backward, because
+    # its slice offsets are baked into the generated code: N * (T + A) chunks and more per step at real sizes. On the
+    # tiny test llama with given thoughts that was 13 of 70 kernels, 217 s -> 180 s of inductor compile time on 2 CPU
+    # cores, for work that is one matmul and a logsumexp per chunk, which inductor cannot fuse across the matmul anyway.
+    @torch.compiler.disable
+    def _vocabulary_log_probs(
+        self,
+        text_logits: Tensor,
+        next_labels: Tensor,
+        base_hidden: Tensor,
+        thought_hidden: Tensor,
+        weights: Tensor,
+        targets: Tensor,
+        policy_hidden: Tensor | None,
+        thought_ids: Tensor,
+        temperature: float,
+        chunk_rows: int,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The objective's per-token log-probabilities, each computed chunk by chunk from the output head:
+        base (B, L) of `next_labels` from the text logits; mixed (B, N, L, A) of `targets`; the post-thought prediction
+        alone (B, N, L, A) when `thought_nll_weight` > 0; the policy's log pi(t_k) (B, N, L, T) at `temperature` when
+        `policy_hidden` is given. Marker tokens are banned in every distribution."""
+        head, banned = OutputHead.of(self.model), self.marker_ids
+        base = logits_token_log_probs(text_logits, next_labels, banned_ids=banned, chunk_rows=chunk_rows)
+        mixed = mixed_token_log_probs(
+            head, base_hidden, thought_hidden, weights, targets, banned_ids=banned, chunk_rows=chunk_rows
+        )
+        thought = None
+        if self.config.thought_nll_weight > 0:  # the post-thought prediction alone, no mixing
+            thought = token_log_probs(head, thought_hidden, targets, banned_ids=banned, chunk_rows=chunk_rows)
+        policy = None
+        if policy_hidden is not None:  # log pi(t_k) at the sampling temperature
+            policy = token_log_probs(
+                head, policy_hidden, thought_ids, temperature=temperature, banned_ids=banned, chunk_rows=chunk_rows
+            )
+        return base, mixed, thought, policy
 
     def _check_token_ids(self, input_ids: Tensor | None, labels: Tensor | None, thought_ids: Tensor | None) -> None:
         """Shapes, dtypes and ranges of the token-id inputs, checked before anything runs (every path)."""
@@ -650,6 +683,22 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("pass the KV cache once: as `cache` (transformers >= 5.24) or as `past_key_values`, not both.")
     return cache if cache is not None else past_key_values
+
+
+def _install_output_capturing(base: PreTrainedModel) -> None:
+    """Install transformers' output-capturing hooks on the base's decoder now, at construction.
+
+    The text pass asks the base for `output_hidden_states`; transformers installs the hooks that collect them lazily,
+    on the first such call, under a `threading.Lock` that torch.compile cannot trace. When that first call happens
+    inside `torch.compile(model)`, the graph breaks there (3 breaks on a llama base). Installed here, in eager mode,
+    the compiled forward finds them in place and traces as one graph. Eager behaviour is unchanged: the same hooks
+    would be installed by the first eager forward. An older transformers without this module needs nothing here.
+    """
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return
+    maybe_install_capturing_hooks(base.get_decoder())
 
 
 def _keep(logits: Tensor, logits_to_keep: int | Tensor) -> Tensor:
