@@ -185,8 +185,8 @@ def evaluate(model: QuietStarForCausalLM, tokenizer, problems: list[multihop.Pro
     input_ids, attention_mask, labels = encode(tokenizer, [p.direct_text for p in problems], "answer")
     outputs = model(input_ids=input_ids, attention_mask=attention_mask)
     rows = torch.arange(len(problems))
-    position = attention_mask.sum(1) - 3  # ":" predicts the answer; then come the answer and "|"
-    answer = input_ids[rows, position + 1]
+    answer_position = (labels != -100).int().argmax(dim=1)  # encode() labels the answer token alone
+    position, answer = answer_position - 1, labels[rows, answer_position]  # ":" predicts the answer
     base, mixed = (d[rows, position].float() for d in next_token_distributions(outputs, model.marker_ids))
     thoughts = outputs.thought_ids[rows, 0, position]  # (P, T) greedy: one chain
     node_ids = [tokenizer.convert_tokens_to_ids(list(p.chain[:-1])) for p in problems]
@@ -323,7 +323,7 @@ def format_report(report: dict) -> str:
         f"Stage 1: {stage1['steps']} steps ({stage1['chain_steps']} to chain accuracy, then fillers), held-out chain "
         f"accuracy {stage1['chain_accuracy']:.3f}, {stage1['seconds']} s. Whole run: {report['seconds']} s.",
         "",
-        f"Held-out: {len(final['thoughts']) and report['settings']['eval_problems']} problems (seed + {EVAL_SEED_OFFSET}), greedy thoughts.",
+        f"Held-out: {report['settings']['eval_problems']} problems (seed + {EVAL_SEED_OFFSET}), greedy thoughts.",
         "",
         "| step | answer NLL without | with thoughts | gain [95% CI] | accuracy without | with thoughts | gain [95% CI] | w at ':' | thoughts holding x1, x2 | base chain accuracy |",
         "|---|---|---|---|---|---|---|---|---|---|",
