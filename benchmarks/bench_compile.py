@@ -5,12 +5,14 @@ For each case, in a fresh process with an empty inductor cache (so no case reuse
     compile_s     wall time of the first compiled call (tracing + inductor + the call itself); for `train` the first
                   forward and backward, whose backward graph is compiled on the first backward
     graphs        graphs compiled (torch._dynamo counters), graph_breaks, and kernels inductor generated
-    eager_s       median step time without compile, compiled_s the median compiled step time (after the first call)
+    eager_s       median step time without compile, compiled_s the median compiled step time (after the first call);
+                  eager and compiled steps alternate (the load of a shared machine changes over minutes), except for
+                  quietstar-layers, whose eager steps run before its layers are compiled
     max_rel_diff  largest max|compiled - eager| / max|eager| over the step's outputs, compared on a compiled call after
                   the first: loss and every gradient (train), the logits (forward; their -inf entries, the banned
                   marker tokens, must match exactly, else inf). The default policy_weight 1e6 multiplies the REINFORCE
                   term, whose rewards are differences of nearly equal log-probabilities: float32 rounding differences
-                  of inductor's fused kernels show up there at ~1e-4
+                  of inductor's fused kernels are magnified there (to ~1e-3 of some gradients, benchmarks/RESULTS.md)
 
 Models: `plain` is the base model (a random llama) compiled whole; `quietstar` the Quiet-STaR model around it compiled
 whole (`torch.compile(model)`); `quietstar-layers` the Quiet-STaR model with only the base's decoder layers compiled
@@ -89,30 +91,30 @@ def measure(case: str, args: argparse.Namespace) -> dict:
         loss.backward()
         return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    def timed(run) -> list[float]:
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            step(run)
-            times.append(time.perf_counter() - start)
-        return times
+    def timed(run) -> float:
+        start = time.perf_counter()
+        step(run)
+        return time.perf_counter() - start
 
     eager_out = step(model)  # warm-up, and the reference
-    eager_times = timed(model)
+    in_place = model_kind == "quietstar-layers"  # compiles the model's own layers: no eager twin left afterwards
+    eager_times = [timed(model) for _ in range(args.repeats)] if in_place else []
 
-    if model_kind == "quietstar-layers":
+    if in_place:
         for layer in model.get_decoder().layers:
             layer.compile()
         compiled = model
     else:
         compiled = torch.compile(model)
-    start = time.perf_counter()
-    step(compiled)
-    compile_s = time.perf_counter() - start
-    compiled_times = timed(compiled)
-    # Compared on a call after the first: compiling consumes the global RNG (inductor draws random inputs to
-    # benchmark), so the first compiled call would sample other thoughts than the eager one under the same seed.
+    compile_s = timed(compiled)
+    # Compared on a call after the first: compiling draws from the global RNG (inductor makes random inputs to
+    # benchmark with), so the first compiled call would sample other thoughts than the eager one under the same seed.
     compiled_out = step(compiled)
+    compiled_times = []
+    for _ in range(args.repeats):  # eager and compiled steps alternate: both see the same load on a shared machine
+        if not in_place:
+            eager_times.append(timed(model))
+        compiled_times.append(timed(compiled))
 
     counters = torch._dynamo.utils.counters
     diffs = []  # per output: max |compiled - eager| / max |eager|

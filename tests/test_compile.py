@@ -1,9 +1,9 @@
 """`torch.compile(model)`: the compiled forward and training step equal the eager ones.
 
 The default tests compile with backend="aot_eager": dynamo captures the graphs and AOTAutograd builds the forward and
-backward graphs exactly as for inductor, but runs them with ATen kernels. Inductor itself would add its C++ kernel
-compilation, about 90 s for the forward and as much for the backward of this tiny model on a 2-core CPU (see
-benchmarks/RESULTS.md), far beyond a unit test; it is checked by the `slow` test at the end.
+backward graphs exactly as for inductor, but runs them with ATen kernels. Inductor adds its C++ kernel compilation:
+on a 2-core CPU about a minute for a forward and two for a training step of a 2-layer tiny llama (see
+benchmarks/RESULTS.md), far beyond a unit test; it is checked by the `slow` test at the end (about 7 minutes).
 
 Under compile, thought sampling and the chunked vocabulary log-probabilities run eagerly (`torch.compiler.disable`,
 see modeling_quietstar.py): sampled thoughts are therefore the eager ones under the same seed, and a training step
