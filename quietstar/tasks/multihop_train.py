@@ -39,6 +39,7 @@ from ..modeling_quietstar import QuietStarForCausalLM
 from ..plots import line_plot
 from ..scoring import next_token_distributions, right_pad
 from . import multihop
+from .bootstrap import bootstrap_ci
 
 FILLER = "---"
 EVAL_SEED_OFFSET = 1_000_003  # held-out problems come from seed + this offset; training uses seed + step
@@ -215,13 +216,6 @@ def evaluate(model: QuietStarForCausalLM, tokenizer, problems: list[multihop.Pro
     return result
 
 
-def bootstrap_ci(values: list[float], samples: int = 1000, seed: int = 0) -> list[float]:
-    """95% percentile-bootstrap confidence interval of the mean of `values`."""
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(samples))
-    return [means[int(0.025 * samples)], means[int(0.975 * samples) - 1]]
-
-
 def train_thinking(base: LlamaForCausalLM, tokenizer, settings: MultihopSettings, log) -> tuple[QuietStarForCausalLM, list]:
     """Stage 2: Quiet-STaR on direct answers; evaluations every `eval_every` steps (and at step 0) are returned."""
     torch.manual_seed(settings.seed)
@@ -353,4 +347,4 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MultihopSettings", "run_multihop", "train_base", "train_thinking", "evaluate", "encode", "bootstrap_ci"]
+__all__ = ["MultihopSettings", "run_multihop", "train_base", "train_thinking", "evaluate", "encode"]
