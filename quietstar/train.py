@@ -3,7 +3,8 @@
     quietstar train [CONFIG] [--output-dir DIR] [--resume [CHECKPOINT]] [--section.key VALUE ...]
 
 CONFIG is a YAML file, the name of a bundled config (default: `default`, SmolLM2-135M-Instruct on the built-in
-arithmetic problems, CPU-sized) or of a recipe (`multihop`: tasks/multihop_train.py, both stages from scratch). The run: evaluate the held-out NLL without and with thoughts, train with
+arithmetic problems, CPU-sized) or of a recipe (`multihop`: tasks/multihop_train.py, both stages from scratch; `gsm8k`:
+tasks/gsm8k_train.py, SmolLM2 on GSM8K solutions). The run: evaluate the held-out NLL without and with thoughts, train with
 `QuietStarTrainer` (progress bar, `metrics.jsonl`, checkpoints every `save_steps`), evaluate again, save the model
 (`save_pretrained`: loads with `AutoModelForCausalLM.from_pretrained`) and tokenizer into the output directory, and
 print the before/after table. With a `lora:` section the model is trained as a PEFT LoRA model (`quietstar.lora`);
@@ -164,7 +165,7 @@ def add_train_command(subcommands) -> None:
         "train",
         help="train a Quiet-STaR model from a YAML config (default: SmolLM2-135M on arithmetic problems, CPU-sized)",
         usage="quietstar train [CONFIG] [--output-dir DIR] [--resume [CHECKPOINT]] [--section.key VALUE ...]",
-        description="CONFIG: a YAML file or a bundled config name (default, paper_gpu). Overrides: --base PATH, "
+        description="CONFIG: a YAML file, a bundled config name (default, paper_gpu) or a recipe (multihop, gsm8k). Overrides: --base PATH, "
         "--quietstar.thought_length 8, --data.path file.jsonl, --training.max_steps 100, ... (values read as YAML).",
     )
     parser.add_argument("--output-dir", help="where checkpoints, metrics.jsonl and the final model go")
@@ -184,21 +185,32 @@ def split_train_arguments(tokens: list[str]) -> tuple[str | None, dict]:
     return config, parse_overrides(tokens)
 
 
-# Recipes: runs that are more than one config (several stages, their own data and report), named like a config.
-RECIPES = ("multihop",)
+# Recipes: runs that are more than one config (their own stages, data and report), named like a config:
+# name -> (module under quietstar.tasks, its settings class, its run function). Each module has `format_report`.
+RECIPES = {
+    "multihop": ("multihop_train", "MultihopSettings", "run_multihop"),  # both stages from scratch, ~10 min
+    "gsm8k": ("gsm8k_train", "Gsm8kSettings", "run_gsm8k"),  # SmolLM2 on GSM8K solutions (--data DIR), < 60 min
+}
 
 
 def run_recipe(name: str, args: argparse.Namespace, overrides: dict) -> int:
-    """`quietstar train multihop --output-dir DIR [--steps 50 ...]`: both stages of the multi-hop recipe."""
-    from .tasks.multihop_train import MultihopSettings, format_report, run_multihop
+    """`quietstar train multihop --output-dir DIR [--steps 50 ...]`, `quietstar train gsm8k --data DIR --output-dir
+    DIR [...]`: a recipe's whole run and report."""
+    import importlib
 
+    module_name, settings_name, run_name = RECIPES[name]
+    module = importlib.import_module(f".tasks.{module_name}", __package__)
     if args.output_dir is None:
         raise SystemExit(f"quietstar train {name}: give --output-dir DIR (the model and report go there).")
     if args.resume is not None:
-        raise SystemExit(f"quietstar train {name}: --resume is not supported by recipes; rerun them (they take minutes).")
-    report = run_multihop(args.output_dir, MultihopSettings.from_overrides(overrides))
-    print(format_report(report))
-    print(f"saved to {args.output_dir} (model, tokenizer, base/, report.json, report.md, gain.svg, metrics.jsonl)")
+        raise SystemExit(f"quietstar train {name}: --resume is not supported by recipes; rerun them.")
+    try:
+        settings = getattr(module, settings_name).from_overrides(overrides)
+    except ValueError as error:
+        raise SystemExit(f"quietstar train {name}: {error}") from error
+    report = getattr(module, run_name)(args.output_dir, settings)
+    print(module.format_report(report))
+    print(f"saved to {args.output_dir} (model, tokenizer, report.json, report.md, gain.svg, metrics.jsonl)")
     return 0
 
 

@@ -12,7 +12,7 @@ Settings, from what the multi-hop recipe (tasks/multihop_train.py) taught:
                               prediction with that of untrained thoughts;
     base_loss_weight 1        the base path learns the same text, so the gain compares two predictors trained alike;
     policy_weight 1, N = 2    REINFORCE with the mean of the two thoughts as baseline; rewards are nats;
-    lookahead 1, T = 3        the budget is compute: every position thinks, 1 + N (T + 2) token passes each;
+    lookahead 1, T = 2        the budget is compute: every position thinks, 1 + N (T + 2) token passes each;
     two learning rates        body_lr for the base model (and, x thought_embedding_scale, the markers), head_lr for
                               the mixing head.
 
@@ -49,12 +49,13 @@ class Gsm8kSettings:
     data: str | None = None  # directory with GSM8K's train.jsonl and test.jsonl
     base: str | None = None  # None = the embedded SmolLM2-135M-Instruct; or a local model directory / .gguf
     seed: int = 0
-    thought_length: int = 3
+    thought_length: int = 2
     n_thoughts: int = 2
-    steps: int = 80
+    steps: int = 100
     batch_size: int = 1
     max_length: int = 128  # training texts are cut to this many tokens (the solution's end is dropped)
-    body_lr: float = 2e-5
+    min_solution_tokens: int = 32  # training problems whose cut text keeps fewer solution tokens are skipped
+    body_lr: float = 1e-4
     head_lr: float = 1e-3
     thought_nll_weight: float = 1.0
     initial_mixing_logit: float = -1.0
@@ -62,7 +63,7 @@ class Gsm8kSettings:
     mixed_loss_weight: float = 1.0
     policy_weight: float = 1.0
     validation_problems: int = 16  # held out from train.jsonl for the gain curve
-    eval_every: int = 40
+    eval_every: int = 50
     eval_problems: int = 100  # the first N of test.jsonl
     eval_batch_size: int = 4
 
@@ -185,8 +186,8 @@ def summarize(records: list[dict], untrained: list[list[float]] | None, tokenize
     """The report's numbers: overall, by base-NLL quartile (cut points over all scored tokens), on answer digits."""
     base = [r["nll_base"] for r in records]
     mixed = [r["nll_mixed"] for r in records]
-    every = torch.tensor([x for b in base for x in b])
-    cuts = torch.quantile(every, torch.tensor([0.25, 0.5, 0.75])).tolist() if every.numel() else [0.0] * 3
+    every = torch.tensor([x for b in base for x in b], dtype=torch.float64)
+    cuts = torch.quantile(every, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist() if every.numel() else [0.0] * 3
 
     def subset(keep) -> dict:
         pairs = [[(b, m) for b, m, flag in zip(bs, ms, flags) if keep(b, flag)] for bs, ms, flags in zip(base, mixed, (r["digit"] for r in records))]
@@ -248,7 +249,14 @@ def train_thinking(base, tokenizer, train_set: list[dict], validation: list[dict
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": body, "lr": settings.body_lr}, {"params": head, "lr": settings.head_lr}], weight_decay=0.0)
-    order = random.Random(settings.seed).sample(range(len(train_set)), len(train_set))
+    order = []  # a seeded shuffle, keeping the problems whose cut text still has min_solution_tokens to score
+    for k in random.Random(settings.seed).sample(range(len(train_set)), len(train_set)):
+        if _solution_tokens(tokenizer, train_set[k], settings.max_length) >= settings.min_solution_tokens:
+            order.append(k)
+        if len(order) == settings.steps * settings.batch_size:
+            break
+    if len(order) < settings.steps * settings.batch_size:
+        raise ValueError(f"gsm8k: only {len(order)} training problems keep {settings.min_solution_tokens} solution tokens within max_length {settings.max_length}; lower --steps or raise --max_length.")
 
     def validate(step: int) -> dict:
         records = score_thinking(model, tokenizer, validation, settings.eval_batch_size, settings.seed)
@@ -278,6 +286,10 @@ def train_thinking(base, tokenizer, train_set: list[dict], validation: list[dict
             history.append(validate(step))
             log(history[-1])
     return model, tokenizer, history
+
+
+def _solution_tokens(tokenizer, problem: dict, max_length: int) -> int:
+    return int((encode(tokenizer, [problem], max_length)[2] != -100).sum())
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------------------
