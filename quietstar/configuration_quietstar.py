@@ -9,6 +9,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from .attention_backend import BACKENDS
+from .objective import POLICY_REWARDS
 
 
 @strict
@@ -47,6 +48,11 @@ class QuietStarConfig(PreTrainedConfig):
         initial_mixing_logit (`float`, *optional*, defaults to -4.0):
             The mixing head's output bias at initialisation: w starts at sigmoid(initial_mixing_logit) everywhere
             (-4 -> 0.018: the model starts as the base model; 0 -> 0.5).
+        policy_reward (`str`, *optional*, defaults to `"mixed"`):
+            What rewards a thought: `"mixed"` (paper) = log p_mixed - log p_base of the A lookahead tokens, which
+            vanishes as the mixing weight w goes to 0; `"thought"` = log p_thought - log p_base, the post-thought
+            prediction alone (RLP, 2025), a signal for the thoughts whatever w is. The baseline (mean over the N
+            thoughts of a position) cancels the base term either way.
         clip_advantage (`bool`, *optional*, defaults to `True`):
             Clip advantages below 0, so only thoughts better than the mean are reinforced (paper: True).
         thought_embedding_scale (`float`, *optional*, defaults to 100.0):
@@ -95,6 +101,7 @@ class QuietStarConfig(PreTrainedConfig):
     mixed_loss_weight: float | int = 0.5
     thought_nll_weight: float | int = 0.0
     initial_mixing_logit: float | int = -4.0
+    policy_reward: str = "mixed"
     clip_advantage: bool = True
     thought_embedding_scale: float | int = 100.0
     mixer_hidden_size: int | None = None
@@ -125,6 +132,8 @@ class QuietStarConfig(PreTrainedConfig):
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         if not self.thought_embedding_scale > 0:
             raise ValueError(f"`thought_embedding_scale` must be > 0, got {self.thought_embedding_scale}.")
+        if self.policy_reward not in POLICY_REWARDS:
+            raise ValueError(f"`policy_reward` must be one of {POLICY_REWARDS}, got {self.policy_reward!r}.")
         if self.thought_attention_backend not in BACKENDS:
             raise ValueError(f"`thought_attention_backend` must be one of {BACKENDS}, got {self.thought_attention_backend!r}.")
 

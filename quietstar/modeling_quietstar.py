@@ -77,7 +77,7 @@ class QuietStarCausalLMOutput(ModelOutput):
         mixing_weights: (B, N, L) the weight w of the thought-conditioned prediction used for `logits`.
         thought_ids: (B, N, L, T) the thought written after each position (N = 1 when thoughts are greedy).
         nll_base, nll_mixed, policy_loss, reward_mean: the loss parts, detached, for logging; nll_thought (the
-            thought-conditioned prediction alone) when `thought_nll_weight` > 0.
+            thought-conditioned prediction alone) when `thought_nll_weight` > 0 or `policy_reward` is "thought".
         rewards: (B, N, L) each thought's reward (log-likelihood gain over the base on the A lookahead tokens);
             0 where the position has no complete lookahead.
         cache: the KV cache in a generation step (thought-free: prompt + generated text only); also readable as
@@ -571,6 +571,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             clip_advantage=config.clip_advantage,
             thought_log_probs=thought_log_probs,
             thought_nll_weight=config.thought_nll_weight,
+            policy_reward=config.policy_reward,
         )
 
     # Not compiled: under `torch.compile(model)` this runs eagerly between two compiled graphs (graph breaks). Its chunk
@@ -594,7 +595,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """The objective's per-token log-probabilities, each computed chunk by chunk from the output head:
         base (B, L) of `next_labels` from the text logits; mixed (B, N, L, A) of `targets`; the post-thought prediction
-        alone (B, N, L, A) when `thought_nll_weight` > 0; the policy's log pi(t_k) (B, N, L, T) at `temperature` when
+        alone (B, N, L, A) when `thought_nll_weight` > 0 or `policy_reward` is "thought"; the policy's log pi(t_k) (B, N, L, T) at `temperature` when
         `policy_hidden` is given. Marker tokens are banned in every distribution."""
         head, banned = OutputHead.of(self.model), self.marker_ids
         base = logits_token_log_probs(text_logits, next_labels, banned_ids=banned, chunk_rows=chunk_rows)
@@ -602,7 +603,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             head, base_hidden, thought_hidden, weights, targets, banned_ids=banned, chunk_rows=chunk_rows
         )
         thought = None
-        if self.config.thought_nll_weight > 0:  # the post-thought prediction alone, no mixing
+        if self.config.thought_nll_weight > 0 or self.config.policy_reward == "thought":  # post-thought, no mixing
             thought = token_log_probs(head, thought_hidden, targets, banned_ids=banned, chunk_rows=chunk_rows)
         policy = None
         if policy_hidden is not None:  # log pi(t_k) at the sampling temperature

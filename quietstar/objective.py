@@ -3,6 +3,7 @@
 For thought n after position i, scored on the next A true tokens (paper Sec. 4.4, "non-myopic" reward):
 
     r[n, i] = sum_{s<A} log p_mixed(x_{i+1+s} | x_{<=i}, thought_n, x_{i+1..i+s}) - log p_base(x_{i+1+s} | x_{<=i+s})
+              (policy_reward "thought": p_thought, the post-thought prediction alone, in place of p_mixed)
     adv[n, i] = r[n, i] - mean_n' r[n', i]            (baseline: the mean over the N thoughts of the same position)
     adv = max(adv, 0)                                 (if clip_advantage: only better-than-average thoughts)
     policy_loss = -mean_{n,i} adv[n, i] * mean_k log pi(t_k | ...)
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+POLICY_REWARDS = ("mixed", "thought")  # what a thought's reward is measured on (config.policy_reward)
 
 
 def lookahead_index(length: int, lookahead: int, device: torch.device) -> Tensor:
@@ -95,6 +98,7 @@ def quietstar_loss(
     clip_advantage: bool,
     thought_log_probs: Tensor | None = None,
     thought_nll_weight: float = 0.0,
+    policy_reward: str = "mixed",
 ) -> QuietStarLoss:
     """Combine the per-token log-probabilities into the Quiet-STaR loss.
 
@@ -106,13 +110,17 @@ def quietstar_loss(
         base_mask: (B, L) position i has a valid next token x_{i+1} (base NLL).
         thought_mask: (B, L) all A lookahead tokens of position i exist and are valid (mixed NLL, REINFORCE).
         thought_log_probs: (B, N, L, A) log p_thought(x_{i+1+s}) from the post-thought states alone, for the
-            optional `thought_nll_weight` term (its gradient does not pass through the mixing weight).
+            optional `thought_nll_weight` term (its gradient does not pass through the mixing weight) and for
+            `policy_reward` "thought" (the reward then does not vanish with w).
     """
+    if policy_reward not in POLICY_REWARDS or (policy_reward == "thought" and thought_log_probs is None):
+        raise ValueError(f"policy_reward must be one of {POLICY_REWARDS}; 'thought' needs thought_log_probs, got {policy_reward!r}.")
     nll_base = -masked_mean(base_log_probs[..., 0], base_mask)
     per_thought = thought_mask.unsqueeze(1)  # (B, 1, L), broadcast over thoughts
     nll_mixed = -masked_mean(mixed_log_probs.mean(dim=-1), per_thought)
 
-    reward = (mixed_log_probs - base_log_probs.unsqueeze(1)).sum(dim=-1).detach()  # (B, N, L)
+    rewarded = thought_log_probs if policy_reward == "thought" else mixed_log_probs
+    reward = (rewarded - base_log_probs.unsqueeze(1)).sum(dim=-1).detach()  # (B, N, L)
     advantage = reward - reward.mean(dim=1, keepdim=True)  # baseline: mean over the N thoughts of the position
     if clip_advantage:
         advantage = advantage.clamp(min=0)
@@ -125,7 +133,8 @@ def quietstar_loss(
     nll_thought = None
     if thought_log_probs is not None:
         nll_thought = -masked_mean(thought_log_probs.mean(dim=-1), per_thought)
-        loss = loss + thought_nll_weight * nll_thought
+        if thought_nll_weight > 0:
+            loss = loss + thought_nll_weight * nll_thought
     return QuietStarLoss(
         loss=loss,
         nll_base=nll_base.detach(),

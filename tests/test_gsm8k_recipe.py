@@ -124,7 +124,7 @@ def test_short_run_writes_the_report_and_the_model_reloads(tiny_base, tmp_path):
     data = write_data(tmp_path / "data")
     out = tmp_path / "out"
     main(["train", "gsm8k", "--data", str(data), "--base", str(tiny_base), "--output-dir", str(out), "--steps", "2",
-          "--eval_every", "1", "--validation_problems", "2", "--eval_problems", "2", "--thought_length", "2"])
+          "--eval_every", "1", "--validation_problems", "2", "--eval_problems", "2", "--min_solution_tokens", "4"])
     report = json.loads((out / "report.json").read_text())
     assert [h["step"] for h in report["history"]] == [0, 1, 2]
     test = report["test"]
@@ -137,9 +137,19 @@ def test_short_run_writes_the_report_and_the_model_reloads(tiny_base, tmp_path):
     assert sum(map(sum, (r["nll_mixed"] for r in records))) / n == pytest.approx(test["overall"]["nll_with"], rel=1e-5)
 
 
+@needs_smollm2
+def test_too_few_training_problems_is_refused_before_writing(tiny_base, tmp_path):
+    data = write_data(tmp_path / "data")
+    with pytest.raises(ValueError, match="only 5 training problems keep 4 solution tokens .* lower --steps"):
+        run_gsm8k(tmp_path / "out", Gsm8kSettings(data=str(data), base=str(tiny_base), steps=10, validation_problems=1, min_solution_tokens=4))
+    assert not (tmp_path / "out").exists()
+
+
 def test_recipe_errors_name_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="--data DIR"):
         main(["train", "gsm8k", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="validation_problems must be >= 1"):
+        main(["train", "gsm8k", "--data", str(tmp_path), "--output-dir", str(tmp_path), "--validation_problems", "0"])
     with pytest.raises(SystemExit, match="unknown setting 'stepz'"):
         main(["train", "gsm8k", "--data", str(tmp_path), "--output-dir", str(tmp_path), "--stepz", "3"])
     (tmp_path / "train.jsonl").write_text(json.dumps(PROBLEMS[0]) + "\n")

@@ -1,8 +1,10 @@
-"""Objective options beyond the paper's defaults: the mixing head's initial weight, and a direct NLL term on the
-thought-conditioned prediction whose gradient does not depend on the mixing weight."""
+"""Objective options beyond the paper's defaults: the mixing head's initial weight, a direct NLL term on the
+thought-conditioned prediction whose gradient does not depend on the mixing weight, and a thought reward measured on
+that prediction (`policy_reward="thought"`), which does not vanish with the mixing weight either."""
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from conftest import make_model, random_text
 
@@ -45,3 +47,51 @@ def test_thought_nll_gradient_does_not_depend_on_the_mixing_weight():
     assert grad_tiny.abs().sum() > 0
     torch.testing.assert_close(grad_tiny, grad_half)
     assert tiny.mixing_head.out.bias.grad is None or tiny.mixing_head.out.bias.grad.abs().sum() == 0
+
+
+def policy_step(policy_reward: str, initial_mixing_logit: float, thought_nll_weight: float = 0.0):
+    """One training forward with sampled thoughts (seeded), only the policy term in the loss."""
+    model, _ = make_model("llama", thought_length=2, lookahead=2, n_thoughts=2, policy_weight=1.0, base_loss_weight=0.0,
+                          mixed_loss_weight=0.0, thought_nll_weight=thought_nll_weight,
+                          initial_mixing_logit=initial_mixing_logit, policy_reward=policy_reward)
+    model.train()
+    ids = random_text(2, 8)
+    torch.manual_seed(3)
+    return model, ids, model(ids, labels=ids)
+
+
+def test_thought_reward_is_the_post_thought_gain_over_the_base():
+    model, ids, out = policy_step("thought", -4.0)
+    thought_ids = out.thought_ids
+    with torch.no_grad():
+        text = model.text_pass(ids, None, 2 + 2 + 1)
+        logits = model.thought_pass(text, thought_ids, lookahead=2).logits()  # (B, N, L, A, V)
+        base_logits = model.model(ids).logits
+    for logit in (logits, base_logits):
+        logit[..., list(model.marker_ids)] = float("-inf")
+    targets = torch.stack([ids[:, 1:-1], ids[:, 2:]], dim=-1)  # (B, L-2, A)
+    thought = logits[:, :, :-2].log_softmax(-1).gather(-1, targets[:, None, ..., None].expand(-1, 2, -1, -1, 1)).squeeze(-1)
+    base_all = base_logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, L-1): x_{j+1} at j
+    base = torch.stack([base_all[:, :-1], base_all[:, 1:]], dim=-1)  # (B, L-2, A): x_{i+1} at i, x_{i+2} at i+1
+    expected = (thought - base[:, None]).sum(-1)
+    torch.testing.assert_close(out.rewards[:, :, :-2], expected, atol=1e-4, rtol=1e-4)
+    assert (out.rewards[:, :, -2:] == 0).all()
+
+
+def test_thought_reward_teaches_the_policy_whatever_the_mixing_weight():
+    """The paper's reward is log p_mixed - log p_base: at w ~ 2e-9 it is ~0 and so is the policy gradient. The
+    "thought" reward does not depend on w: the policy's gradient is the same at w ~ 2e-9 and w = 0.5."""
+    grads = {}
+    for reward in ("mixed", "thought"):
+        for logit in (-20.0, 0.0):
+            model, _, out = policy_step(reward, logit)
+            out.loss.backward()
+            grads[reward, logit] = model.model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    assert grads["mixed", -20.0].abs().max() < 1e-6 < grads["mixed", 0.0].abs().max()
+    assert grads["thought", -20.0].abs().max() > 1e-4
+    torch.testing.assert_close(grads["thought", -20.0], grads["thought", 0.0])
+
+
+def test_unknown_policy_reward_is_refused():
+    with pytest.raises(StrictDataclassClassValidationError, match="policy_reward. must be one of .'mixed', 'thought'."):
+        make_model("llama", policy_reward="mixd")

@@ -62,10 +62,18 @@ class Gsm8kSettings:
     base_loss_weight: float = 1.0
     mixed_loss_weight: float = 1.0
     policy_weight: float = 1.0
+    policy_reward: str = "mixed"  # "thought": rewards measured on the post-thought prediction alone (config.policy_reward)
     validation_problems: int = 16  # held out from train.jsonl for the gain curve
     eval_every: int = 50
     eval_problems: int = 100  # the first N of test.jsonl
     eval_batch_size: int = 4
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "validation_problems", "eval_every", "eval_problems", "eval_batch_size", "thought_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"gsm8k: {name} must be >= 1, got {getattr(self, name)}.")
+        if self.n_thoughts < 2:
+            raise ValueError(f"gsm8k: n_thoughts must be >= 2 (the REINFORCE baseline is their mean), got {self.n_thoughts}.")
 
     @classmethod
     def from_overrides(cls, overrides: dict) -> "Gsm8kSettings":
@@ -73,7 +81,7 @@ class Gsm8kSettings:
         for key, value in overrides.items():
             if key not in fields:
                 raise ValueError(f"gsm8k: unknown setting {key!r}; settings are {sorted(fields)}.")
-            if key in ("data", "base"):
+            if key in ("data", "base", "policy_reward"):
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"gsm8k: {key} = {value!r} must be a number.")
@@ -236,27 +244,36 @@ def load_base(base: str | None):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
 
 
-def train_thinking(base, tokenizer, train_set: list[dict], validation: list[dict], settings: Gsm8kSettings, log):
-    """Quiet-STaR on GSM8K solutions; returns the model and the validation history (every `eval_every` steps and at 0)."""
+def training_problems(tokenizer, train_set: list[dict], settings: Gsm8kSettings) -> list[dict]:
+    """`steps * batch_size` problems in a seeded shuffle, keeping those whose text cut to `max_length` still has
+    `min_solution_tokens` to score (a long question can leave none)."""
+    needed, chosen = settings.steps * settings.batch_size, []
+    for k in random.Random(settings.seed).sample(range(len(train_set)), len(train_set)):
+        if (encode(tokenizer, [train_set[k]], settings.max_length)[2] != -100).sum() >= settings.min_solution_tokens:
+            chosen.append(train_set[k])
+        if len(chosen) == needed:
+            return chosen
+    raise ValueError(
+        f"gsm8k: only {len(chosen)} training problems keep {settings.min_solution_tokens} solution tokens within "
+        f"max_length {settings.max_length}, and steps x batch_size = {needed}; lower --steps or --min_solution_tokens, "
+        "or raise --max_length."
+    )
+
+
+def train_thinking(base, tokenizer, train_problems: list[dict], validation: list[dict], settings: Gsm8kSettings, log):
+    """Quiet-STaR on GSM8K solutions, one batch per step from `train_problems` in order; returns the model, tokenizer
+    and the validation history (every `eval_every` steps and at 0)."""
     torch.manual_seed(settings.seed)
     model, tokenizer = QuietStarForCausalLM.from_base(
         base, tokenizer, thought_length=settings.thought_length, n_thoughts=settings.n_thoughts, lookahead=1,
         thought_nll_weight=settings.thought_nll_weight, initial_mixing_logit=settings.initial_mixing_logit,
         base_loss_weight=settings.base_loss_weight, mixed_loss_weight=settings.mixed_loss_weight,
-        policy_weight=settings.policy_weight, thought_temperature=1.0, inference_thought_temperature=0.0,
+        policy_weight=settings.policy_weight, policy_reward=settings.policy_reward, thought_temperature=1.0, inference_thought_temperature=0.0,
     )
     head = list(model.mixing_head.parameters())
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": body, "lr": settings.body_lr}, {"params": head, "lr": settings.head_lr}], weight_decay=0.0)
-    order = []  # a seeded shuffle, keeping the problems whose cut text still has min_solution_tokens to score
-    for k in random.Random(settings.seed).sample(range(len(train_set)), len(train_set)):
-        if _solution_tokens(tokenizer, train_set[k], settings.max_length) >= settings.min_solution_tokens:
-            order.append(k)
-        if len(order) == settings.steps * settings.batch_size:
-            break
-    if len(order) < settings.steps * settings.batch_size:
-        raise ValueError(f"gsm8k: only {len(order)} training problems keep {settings.min_solution_tokens} solution tokens within max_length {settings.max_length}; lower --steps or raise --max_length.")
 
     def validate(step: int) -> dict:
         records = score_thinking(model, tokenizer, validation, settings.eval_batch_size, settings.seed)
@@ -269,7 +286,7 @@ def train_thinking(base, tokenizer, train_set: list[dict], validation: list[dict
     log(history[-1])
     model.train()
     for step in range(1, settings.steps + 1):
-        picked = [train_set[order[(step - 1) * settings.batch_size + k]] for k in range(settings.batch_size)]
+        picked = train_problems[(step - 1) * settings.batch_size : step * settings.batch_size]
         input_ids, attention_mask, labels, _ = encode(tokenizer, picked, settings.max_length)
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         outputs.loss.backward()
@@ -288,10 +305,6 @@ def train_thinking(base, tokenizer, train_set: list[dict], validation: list[dict
     return model, tokenizer, history
 
 
-def _solution_tokens(tokenizer, problem: dict, max_length: int) -> int:
-    return int((encode(tokenizer, [problem], max_length)[2] != -100).sum())
-
-
 # ---- the run ----------------------------------------------------------------------------------------------------------------
 
 
@@ -300,10 +313,10 @@ def run_gsm8k(output_dir: str | Path, settings: Gsm8kSettings) -> dict:
     start = time.perf_counter()
     output_dir = Path(output_dir)
     train_all, test = load_problems(settings.data, "train"), load_problems(settings.data, "test")
-    if settings.steps * settings.batch_size > len(train_all) - settings.validation_problems:
-        raise ValueError(f"gsm8k: steps x batch_size = {settings.steps * settings.batch_size} exceeds the training problems; lower --steps.")
     train_set, validation = train_all[: -settings.validation_problems], train_all[-settings.validation_problems :]
     test = test[: settings.eval_problems]
+    base, tokenizer = load_base(settings.base)
+    train_problems = training_problems(tokenizer, train_set, settings)  # raises before anything is written
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics = output_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
@@ -313,9 +326,8 @@ def run_gsm8k(output_dir: str | Path, settings: Gsm8kSettings) -> dict:
             file.write(json.dumps(record) + "\n")
         print(record, flush=True)
 
-    base, tokenizer = load_base(settings.base)
     untrained = score_plain(base, tokenizer, test, settings.eval_batch_size)  # before from_base changes the base in place
-    model, tokenizer, history = train_thinking(base, tokenizer, train_set, validation, settings, log)
+    model, tokenizer, history = train_thinking(base, tokenizer, train_problems, validation, settings, log)
     train_seconds = time.perf_counter() - start
     test_result = summarize(score_thinking(model, tokenizer, test, settings.eval_batch_size, settings.seed), untrained, tokenizer)
     model.save_pretrained(output_dir)
