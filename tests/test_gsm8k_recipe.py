@@ -4,6 +4,7 @@ run writes every artefact and reloads. The real run (SmolLM2, < 60 minutes) is t
 
 import importlib.util
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -127,6 +128,8 @@ def test_short_run_writes_the_report_and_the_model_reloads(tiny_base, tmp_path):
           "--eval_every", "1", "--validation_problems", "2", "--eval_problems", "2", "--min_solution_tokens", "4"])
     report = json.loads((out / "report.json").read_text())
     assert [h["step"] for h in report["history"]] == [0, 1, 2]
+    # the mixing head is frozen for head_frozen_steps (60 > 2): w stays sigmoid(initial_mixing_logit) everywhere
+    assert all(h["mixing_weight"] == pytest.approx(1 / (1 + math.e), abs=1e-6) for h in report["history"])
     test = report["test"]
     assert test["problems"] == 2 and len(test["quartiles"]) == 4 and test["answer_digits"]["tokens"] > 0
     assert "| answer digits |" in (out / "report.md").read_text() and (out / "gain.svg").exists()

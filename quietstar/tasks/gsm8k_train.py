@@ -14,7 +14,11 @@ Settings, from what the multi-hop recipe (tasks/multihop_train.py) taught:
     policy_weight 1, N = 2    REINFORCE with the mean of the two thoughts as baseline; rewards are nats;
     lookahead 1, T = 2        the budget is compute: every position thinks, 1 + N (T + 2) token passes each;
     two learning rates        body_lr for the base model (and, x thought_embedding_scale, the markers), head_lr for
-                              the mixing head.
+                              the mixing head;
+    head_frozen_steps 60      w stays at its initial value while the thought path learns to read past a thought.
+                              Trained from step 1 (run 2 in RESULTS), the head shut w to ~0 within 8 steps, while
+                              post-thought predictions were still ~2 nats worse than the base's, and never reopened
+                              it: Adam's second moments remember those early gradients, the sigmoid is saturated.
 
 Report (`report.json`, `report.md`): per solution token, the NLL without thoughts (the trained model's own base path),
 with (greedy) thoughts, and of the untrained SmolLM2; the gain (without - with) with a 95% bootstrap interval over
@@ -57,6 +61,7 @@ class Gsm8kSettings:
     min_solution_tokens: int = 32  # training problems whose cut text keeps fewer solution tokens are skipped
     body_lr: float = 1e-4
     head_lr: float = 1e-3
+    head_frozen_steps: int = 60  # the mixing head (w) starts training after this many steps
     thought_nll_weight: float = 1.0
     initial_mixing_logit: float = -1.0
     base_loss_weight: float = 1.0
@@ -273,7 +278,8 @@ def train_thinking(base, tokenizer, train_problems: list[dict], validation: list
     head = list(model.mixing_head.parameters())
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": body, "lr": settings.body_lr}, {"params": head, "lr": settings.head_lr}], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(body, lr=settings.body_lr, weight_decay=0.0)
+    head_optimizer = torch.optim.AdamW(head, lr=settings.head_lr, weight_decay=0.0)  # stepped after head_frozen_steps
 
     def validate(step: int) -> dict:
         records = score_thinking(model, tokenizer, validation, settings.eval_batch_size, settings.seed)
@@ -292,7 +298,10 @@ def train_thinking(base, tokenizer, train_problems: list[dict], validation: list
         outputs.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if step > settings.head_frozen_steps:
+            head_optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        head_optimizer.zero_grad(set_to_none=True)
         parts = {
             name: round(float(getattr(outputs, name).detach()), 4)
             for name in ("loss", "nll_base", "nll_mixed", "nll_thought", "policy_loss", "reward_mean")
