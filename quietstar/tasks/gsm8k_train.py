@@ -41,6 +41,7 @@ from ..modeling_quietstar import QuietStarForCausalLM
 from ..plots import line_plot
 from ..qa import GSM8K_EXAMPLE, answer_prompt
 from ..scoring import next_token_log_probs, right_pad
+from . import metrics_log
 from .bootstrap import bootstrap_ci
 
 ANSWER_MARK = "####"
@@ -327,13 +328,7 @@ def run_gsm8k(output_dir: str | Path, settings: Gsm8kSettings) -> dict:
     base, tokenizer = load_base(settings.base)
     train_problems = training_problems(tokenizer, train_set, settings)  # raises before anything is written
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = output_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-
-    def log(record: dict) -> None:
-        with metrics.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        print(record, flush=True)
+    log = metrics_log(output_dir / "metrics.jsonl")
 
     untrained = score_plain(base, tokenizer, test, settings.eval_batch_size)  # before from_base changes the base in place
     model, tokenizer, history = train_thinking(base, tokenizer, train_problems, validation, settings, log)

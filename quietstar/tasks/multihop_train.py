@@ -38,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from ..modeling_quietstar import QuietStarForCausalLM
 from ..plots import line_plot
 from ..scoring import next_token_distributions, right_pad
-from . import multihop
+from . import metrics_log, multihop
 from .bootstrap import bootstrap_ci
 
 FILLER = "---"
@@ -261,13 +261,7 @@ def run_multihop(output_dir: str | Path, settings: MultihopSettings | None = Non
     settings = settings or MultihopSettings()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = output_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-
-    def log(record: dict) -> None:
-        with metrics.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        print({k: v for k, v in record.items() if k != "thoughts"}, flush=True)
+    log = metrics_log(output_dir / "metrics.jsonl", hidden=("thoughts",))
 
     start = time.perf_counter()
     tokenizer = multihop.tokenizer()
