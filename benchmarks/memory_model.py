@@ -12,8 +12,8 @@ Nt = B * L text tokens, Nc = B * N * L * S chain tokens (S = T + A + 1), p the a
               (per token, counted from a llama layer: both norms' inputs and outputs, q/k/v after rotary, the
               attention output and o_proj's input, the MLP's gate, up, activation and product; chain tokens also
               keep q/k/v regrouped per thought and position), + the PyTorch reference attention's probabilities
-              2 * Nc * Hq * (L + S) * 4 when L <= 128 (longer texts run in checkpointed blocks of 128 positions;
-              the fused Triton kernel saves only its inputs and the log-sum-exp)
+              2 * Nc * Hq * (L + S) * 4 when L <= 64 (longer texts run in checkpointed blocks of 64 positions,
+              quietstar.attention.POSITION_BLOCK; the fused Triton kernel saves only its inputs and the log-sum-exp)
     saved     without checkpointing: layers * layer; with per-layer checkpointing: (Nt + Nc) * layers * H * p
               (each layer's input), and in backward one recomputed layer (a transient)
     logits    the text pass's logits Nt * V * p and their gradient
@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quietstar.attention import POSITION_BLOCK  # noqa: E402  (the reference's block: below it, probabilities are kept)
 
 GIB = 2**30
 
@@ -103,7 +104,7 @@ def predict(base: BaseShape, step: StepShape) -> dict[str, float]:
     per_token_layer = 4 * h + 3 * base.heads * d + 2 * base.kv_heads * d + 4 * base.intermediate
     chain_extra = (base.heads + 2 * base.kv_heads) * d  # q/k/v regrouped per (thought, position) for thought attention
     attention_layer = 0  # the PyTorch reference's saved probabilities (+ their contiguous copies for the value matmul)
-    if step.attention == "torch" and step.length <= 128:
+    if step.attention == "torch" and step.length <= POSITION_BLOCK:
         attention_layer = 2 * chain_tokens * base.heads * (step.length + chain) * 4
     layer_saved = text_tokens * per_token_layer * p + chain_tokens * (per_token_layer + chain_extra) * p + attention_layer
     if step.checkpointing:
@@ -190,7 +191,7 @@ def measure(base: BaseShape, step: StepShape) -> dict[str, float]:
     return dict(step=tracker.peak, largest=tracker.largest, text_logits=step.batch * step.length * base.vocab * 4)
 
 
-VALIDATION = [  # small random llamas (fp32, PyTorch attention), both sides of the 128-position block, ckpt on and off
+VALIDATION = [  # small random llamas (fp32, PyTorch attention), both sides of the 64-position block, ckpt on and off
     (BaseShape("llama-256x4", 256, 688, 4, 4, 2, 4096, tied=False), StepShape(2, 64, thought_length=4, activation_bytes=4, checkpointing=False, attention="torch")),
     (BaseShape("llama-256x4", 256, 688, 4, 4, 2, 4096, tied=False), StepShape(2, 64, thought_length=4, activation_bytes=4, checkpointing=True, attention="torch")),
     (BaseShape("llama-256x4", 256, 688, 4, 4, 2, 4096, tied=False), StepShape(1, 160, thought_length=4, activation_bytes=4, checkpointing=True, attention="torch")),
