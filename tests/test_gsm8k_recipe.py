@@ -138,6 +138,38 @@ def test_short_run_writes_the_report_and_the_model_reloads(tiny_base, tmp_path):
     records = score_thinking(model, AutoTokenizer.from_pretrained(out), load_problems(data, "test"), batch_size=2)
     n = sum(len(r["nll_mixed"]) for r in records)
     assert sum(map(sum, (r["nll_mixed"] for r in records))) / n == pytest.approx(test["overall"]["nll_with"], rel=1e-5)
+    # keep_best: the saved model is the trained checkpoint with the highest validation gain, marked in the history
+    trained = report["history"][1:]
+    kept = [h for h in report["history"] if h["kept"]]
+    assert len(kept) == 1 and kept[0]["validation"]["gain"] == max(h["validation"]["gain"] for h in trained)
+    records = score_thinking(model, AutoTokenizer.from_pretrained(out), load_problems(data, "train")[-2:], batch_size=2)
+    n = sum(len(r["nll_mixed"]) for r in records)
+    assert sum(map(sum, (r["nll_mixed"] for r in records))) / n == pytest.approx(kept[0]["validation"]["nll_with"], rel=1e-5)
+
+
+@needs_smollm2
+def test_keep_best_returns_the_checkpoint_with_the_highest_validation_gain(tiny_base, monkeypatch):
+    """Validation gains forced to peak at step 1 of 3: the model returned is bit for bit the one validated at step 1."""
+    from quietstar.tasks import gsm8k_train
+
+    states, forced_gains = {}, iter([-0.2, 0.5, 0.1, 0.3])  # steps 0, 1, 2, 3
+
+    def scored(model, tokenizer, problems, batch_size, seed=0):
+        records = score_thinking(model, tokenizer, problems, batch_size, seed)
+        states[len(states)] = {k: v.clone() for k, v in model.state_dict().items()}
+        shift = next(forced_gains)
+        return [{**r, "nll_mixed": [b - shift for b in r["nll_base"]]} for r in records]
+
+    monkeypatch.setattr(gsm8k_train, "score_thinking", scored)
+    settings = Gsm8kSettings(data="unused", steps=3, eval_every=1, min_solution_tokens=4)
+    model, _, history = gsm8k_train.train_thinking(
+        AutoModelForCausalLM.from_pretrained(tiny_base), AutoTokenizer.from_pretrained(tiny_base), PROBLEMS[:3],
+        PROBLEMS[3:4], settings, log=lambda entry: None,
+    )
+    assert [h["kept"] for h in history] == [False, True, False, False]
+    assert any(not torch.equal(states[1][k], states[3][k]) for k in states[1])  # training did move the weights
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, states[1][name]), name
 
 
 @needs_smollm2
