@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--data", required=True, help="directory with GSM8K's train.jsonl")
+    parser.add_argument("--fit-problems", type=int, default=48, help="problems at shuffle positions 400 ... 400 + n")
+    parser.add_argument("--dev-problems", type=int, default=16, help="the last n of the 16 validation problems")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     train_set, dev = train_all[: -settings.validation_problems], train_all[-settings.validation_problems :]
     trained = {p["question"] for p in training_problems(tokenizer, train_set, settings)}
     order = random.Random(settings.seed).sample(range(len(train_set)), len(train_set))
-    fit = [train_set[k] for k in order[400:448]]
+    fit = [train_set[k] for k in order[400 : 400 + args.fit_problems]]
+    dev = dev[len(dev) - args.dev_problems :]
     if any(p["question"] in trained for p in fit):
         raise SystemExit("the fit problems overlap the run's training problems; pick other shuffle positions.")
 
