@@ -109,7 +109,7 @@ def fit_head(features: dict, seed: int = 0, epochs: int = 300, lr: float = 1e-3)
     return head, held
 
 
-def probe(features: dict, model, tokenizer, head: MixingHead, held: torch.Tensor | None) -> dict:
+def probe(features: dict, tokenizer, head: MixingHead, held: torch.Tensor | None) -> dict:
     nll, problem = features["nll"], features["problem"]
     base = nll[:, 0]
     result = {
@@ -122,12 +122,7 @@ def probe(features: dict, model, tokenizer, head: MixingHead, held: torch.Tensor
         subset = held if held is not None else torch.ones_like(base, dtype=torch.bool)
         weight = head(features["h_base"][subset], features["h_thought"][subset])
         result["head_fit"] = {**gain_with_ci(base[subset] - nll_at(nll[subset], weight), problem[subset]), "mean_w": float(weight.mean())}
-        weight_matrix = model.get_output_embeddings().weight
-        log_probs = []
-        for h in (features["h_base"], features["h_thought"]):
-            logits = (h @ weight_matrix.T).float()
-            logits[:, list(model.marker_ids)] = float("-inf")
-            log_probs.append(logits.log_softmax(-1).gather(-1, features["target"][:, None]).squeeze(-1))
+        log_probs = [-nll[:, 0], -nll[:, -1]]  # w = 0: the base alone; w = 1: the post-thought prediction alone
         result["thought_only_gap"] = float((log_probs[1] - log_probs[0]).mean())
         result["prob_mix"] = {
             str(w): gain_with_ci(torch.logaddexp(log_probs[0] + torch.log1p(torch.tensor(-w)), log_probs[1] + torch.log(torch.tensor(w))) - log_probs[0], problem)
@@ -176,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     features = {"fit": token_features(model, tokenizer, fit), "dev": token_features(model, tokenizer, dev)}
     head, held = fit_head(features["fit"])
     report = {
-        "fit (head: held-out quarter)": probe(features["fit"], model, tokenizer, head, held),
-        "dev": probe(features["dev"], model, tokenizer, head, None),
+        "fit (head: held-out quarter)": probe(features["fit"], tokenizer, head, held),
+        "dev": probe(features["dev"], tokenizer, head, None),
     }
     model.config.inference_thought_temperature, model.config.n_thoughts = 1.0, 2
     records = score_thinking(model, tokenizer, dev, 4, seed=0)
