@@ -39,9 +39,9 @@ out.loss.backward()
 loss = out.loss.detach().clone()
 dist.all_reduce(loss)
 grads = {n: p.grad.full_tensor().tolist() for n, p in model.named_parameters() if n in json.loads(sys.argv[3])}
-if rank == 0:
-    print("RESULT " + json.dumps(dict(loss=loss.item() / world, grads=grads)))
-print(f"PARAMS {rank} {local} {total}")
+# One file per rank: two processes printing to one pipe can interleave their lines.
+with open(f"rank{rank}.json", "w") as f:
+    json.dump(dict(loss=loss.item() / world, grads=grads, local=local, total=total), f)
 dist.destroy_process_group()
 """
 
@@ -61,12 +61,10 @@ def test_fsdp2_on_two_cpu_processes_shards_and_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    sharded = json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
-    params = [line.split()[1:] for line in lines if line.startswith("PARAMS ")]
-    assert len(params) == 2
-    for _, local, total in params:  # each rank holds about half of the parameters
-        assert 0.45 < int(local) / int(total) < 0.55
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for rank in ranks:  # each rank holds about half of the parameters
+        assert 0.45 < rank["local"] / rank["total"] < 0.55
+    sharded = ranks[0]
 
     model, _ = make_model("llama", **MODEL)
     ids = random_text(4, 10)
