@@ -10,8 +10,11 @@ so log p_mixed(x) needs only the mixed hidden state. Heads with logit soft-cappi
 `final_logit_softcapping`: cap * tanh(z / cap)) are not linear; for them the mixing is done on each chunk's logits
 (the same chunking, twice the head work).
 
-Each chunk is recomputed in backward (non-reentrant activation checkpointing), so autograd keeps only the chunk's
-inputs: the saved memory is O(rows * H), not O(rows * V).
+Each chunk is recomputed in backward, so autograd keeps only the inputs: the saved memory is O(rows * H), not
+O(rows * V). For linear heads a hand-written backward (`_LinearLogProbs`) does this with one logsumexp per row saved:
+it recomputes the chunk's logits once and turns them into the gradient in place, and accumulates the weight's
+gradient in one buffer, instead of replaying the forward's ops under autograd (non-reentrant checkpointing, kept for
+soft-capped heads and for logits that already exist).
 
 Dimensions: R rows (flattened tokens), C rows in a chunk, H hidden size, V vocabulary.
 """
@@ -97,6 +100,71 @@ def _by_chunks(function: Callable[..., Tensor], rows: list[Tensor], chunk_rows: 
     return torch.cat(results) if results else rows[0].new_zeros(0, dtype=torch.float32)
 
 
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(scale * (h W^T + b) / temperature)[target] for rows h (R, H) of a linear head, chunk by chunk.
+
+    Forward saves h and each row's logsumexp (R,). Backward recomputes a chunk's logits z and forms, in place,
+    d log p(t) / dz = (onehot(t) - softmax(z)) * scale / temperature, times the incoming gradient; then one matmul
+    each for dh and dW (accumulated in one float32 buffer) and a sum for db. Autocast: the matmuls run in the
+    forward's autocast dtype in backward too, as autograd would run the backward of an autocast `F.linear`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale, temperature, banned_ids, chunk_rows):
+        head = OutputHead(weight, bias, scale)
+        banned = torch.tensor(list(banned_ids), dtype=torch.long, device=hidden.device)
+        log_probs = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse = torch.empty_like(log_probs)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = _scaled_logits(head, hidden[rows], temperature, banned)
+            lse[rows] = logits.logsumexp(dim=-1)
+            log_probs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+        device_type = hidden.device.type
+        ctx.autocast = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type), device_type
+        ctx.scale, ctx.temperature, ctx.banned, ctx.chunk_rows = scale, temperature, banned, chunk_rows
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return log_probs
+
+    @staticmethod
+    def backward(ctx, grad_log_probs):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        head = OutputHead(weight, bias, ctx.scale)
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias else None
+        enabled, autocast_dtype, device_type = ctx.autocast
+        compute_dtype = autocast_dtype if enabled else weight.dtype  # the dtype the forward's matmul ran in
+        compute_weight = weight.to(compute_dtype)
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            grad_out = grad_log_probs[rows].float()
+            with torch.autocast(device_type, dtype=autocast_dtype, enabled=enabled):
+                grad_logits = _scaled_logits(head, hidden[rows], ctx.temperature, ctx.banned)
+            grad_logits.sub_(lse[rows, None]).exp_().mul_(-grad_out[:, None])  # -g * softmax
+            grad_logits.scatter_add_(-1, targets[rows, None], grad_out[:, None])  # + g * onehot(target)
+            grad_logits.index_fill_(-1, ctx.banned, 0.0)  # banned logits are constants (-inf), even as a target
+            grad_logits.mul_(ctx.scale / ctx.temperature)  # (C, V): d loss / d (h W^T + b)
+            if needs_bias:
+                grad_bias += grad_logits.sum(dim=0)
+            grad_logits = grad_logits.to(compute_dtype)
+            if needs_hidden:
+                grad_hidden[rows] = (grad_logits @ compute_weight).to(hidden.dtype)
+            if needs_weight:
+                grad_weight += (grad_logits.T @ hidden[rows].to(compute_dtype)).float()
+        grad_weight = grad_weight.to(weight.dtype) if needs_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if needs_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _scaled_logits(head: OutputHead, hidden: Tensor, temperature: float, banned: Tensor) -> Tensor:
+    """(C, H) -> (C, V) float32 logits / temperature with the banned ids at -inf (a fresh tensor, safe to modify)."""
+    logits = head.logits(hidden)
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits.index_fill_(-1, banned, float("-inf")) if banned.numel() else logits
+
+
 def token_log_probs(
     head: OutputHead,
     hidden: Tensor,
@@ -111,6 +179,10 @@ def token_log_probs(
     hidden (..., H), targets (...) token ids -> (...) float32. Never holds more than `chunk_rows` rows of logits."""
     shape = targets.shape
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if head.linear:
+        return _LinearLogProbs.apply(
+            flat_hidden, head.weight, head.bias, flat_targets, head.scale, temperature, tuple(banned_ids), chunk_rows
+        ).reshape(shape)
 
     def chunk(h: Tensor, t: Tensor) -> Tensor:
         return _log_softmax_at(head.logits(h), t, temperature, banned_ids)
@@ -187,8 +259,8 @@ def sample_tokens(
 ) -> Tensor:
     """One token per row from softmax(head(hidden) / temperature) without `banned_ids`; temperature 0 = greedy.
 
-    hidden (..., H) -> ids (...). Gumbel-max with independent noise per element and chunk, so a row's sample depends
-    only on its own logits and noise (a thought at position i never depends on text after i)."""
+    hidden (..., H) -> ids (...). A row's sample depends only on its own logits and its own random draw
+    (sampling.sample_thought_tokens), so a thought at position i never depends on text after i."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     ids = [
         sample_thought_tokens(head.logits(flat[start : start + chunk_rows]), temperature, banned_ids)

@@ -24,14 +24,19 @@ def policy_logits(logits: Tensor, temperature: float, banned_ids: Sequence[int])
 def sample_thought_tokens(logits: Tensor, temperature: float, banned_ids: Sequence[int]) -> Tensor:
     """Sample one token per row. logits (..., V) -> ids (...). temperature 0 = greedy (argmax).
 
-    Gumbel-max with independent noise per element: a row's sample depends only on that row's logits and noise, so
+    Inverse-CDF sampling with one uniform draw per row: a row's sample depends only on that row's logits and draw, so
     the thought at position i never depends on text after i (the no-leak property holds under sampling, not only
-    under greedy decoding).
+    under greedy decoding). One draw per row instead of Gumbel noise per element: random numbers per vocabulary entry
+    were the costliest element-wise work of a sampling step on CPU. The CDF is summed in float64, so even tokens far
+    below float32's resolution of the total keep their exact share.
     """
     if temperature == 0:
         logits = logits.clone()
         logits[..., list(banned_ids)] = float("-inf")
         return logits.argmax(dim=-1)
     scaled = policy_logits(logits, temperature, banned_ids)
-    gumbel = -torch.empty_like(scaled).exponential_().log_()
-    return (scaled + gumbel).argmax(dim=-1)
+    weights = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_()  # unnormalised probabilities, banned = 0
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)
+    draw = torch.rand(cdf.shape[:-1], dtype=torch.float64, device=cdf.device).unsqueeze(-1) * cdf[..., -1:]
+    # the first token whose cumulative mass exceeds the draw: zero-mass (banned) tokens are never the first
+    return torch.searchsorted(cdf, draw, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
