@@ -7,7 +7,8 @@ the next tokens from a mix of the base prediction and the post-thought one. `for
     2. sample_thoughts  T thought tokens for all L positions and N thoughts at once, step by step, without gradient.
     3. thought_pass     ONE teacher-forced pass, with gradient, over every chain
                         [SoT, t_1 .. t_T, EoT, x_{i+1} .. x_{i+A-1}]: the states that predict t_1 .. t_T (policy)
-                        and x_{i+1} .. x_{i+A} (post-thought); hidden states only, no logits.
+                        and x_{i+1} .. x_{i+A} (post-thought); hidden states only, no logits. (`think` does 2-3;
+                        without gradients it continues the chains from the sampling steps' K/V instead.)
     4. mixing head      w from (base hidden, post-thought hidden); logits_mixed = (1 - w) base + w thought,
                         computed on hidden states before the (linear) output head (output_head.py).
     5. objective        (labels given) base NLL + mixed NLL + REINFORCE (see objective.py), from per-token
@@ -122,7 +123,8 @@ class TextPass:
 
 @dataclass
 class ThoughtPass:
-    """The teacher-forced pass over every chain: final-layer states only, never vocabulary-sized tensors.
+    """The chains read out (written by `think` or teacher-forced by `thought_pass`): final-layer states only, never
+    vocabulary-sized tensors.
 
     policy_hidden: (B, N, L, T, H) states at chain steps 0 .. T-1, which predict t_1 .. t_T (None if not asked).
     hidden: (B, N, L, A, H) states at chain steps T+1 .. T+A, the post-thought predictions of x_{i+1} .. x_{i+A}.
@@ -334,8 +336,9 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             logits = _keep(text.logits, logits_to_keep)
             return QuietStarCausalLMOutput(logits=logits, base_logits=logits, hidden_states=hidden_states)
         if thought_ids is None:
-            thought_ids = self.sample_thoughts(text, temperature)
-        thoughts = self.thought_pass(text, thought_ids, lookahead, with_policy=needs_policy)
+            thought_ids, thoughts = self.think(text, temperature, lookahead, with_policy=needs_policy)
+        else:
+            thoughts = self.thought_pass(text, thought_ids, lookahead, with_policy=needs_policy)
         ahead = lookahead_index(input_ids.shape[1], lookahead, input_ids.device)  # (L, A): position i + s
         base_hidden = text.hidden[:, ahead].unsqueeze(1).expand_as(thoughts.hidden)  # (B, N, L, A, H)
         weights = self.mixing_head(base_hidden, thoughts.hidden)  # (B, N, L, A)
@@ -456,6 +459,26 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         hidden_states = out.hidden_states if all_hidden_states else out.hidden_states[-1:]
         return TextPass(input_ids, position_ids, out.logits, hidden_states, kv)
 
+    def think(self, text: TextPass, temperature: float, lookahead: int, with_policy: bool = True) -> tuple[Tensor, ThoughtPass]:
+        """Steps 2-3 for thoughts written here: sample T tokens after every position, N chains each, all positions in
+        parallel, and read out the chains [SoT, t_1 .. t_T, EoT, x_{i+1} .. x_{i+A-1}]. Returns thought ids
+        (B, N, L, T) and the pass.
+
+        Without gradients (evaluation, inference) the chains continue from the sampling steps' K/V: each chain token
+        runs through the decoder once. With gradients the thoughts are sampled without them and the chains are read
+        by one teacher-forced `thought_pass`, T decoder steps more: sampling steps that kept their graph would send
+        gradients into earlier steps' K/V past the layers' outputs, which FSDP2's per-call unsharding does not
+        follow, and with activation checkpointing every layer's chain K/V would stay alive until backward."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            thought_ids = self.sample_thoughts(text, temperature)
+            return thought_ids, self.thought_pass(text, thought_ids, lookahead, with_policy)
+        thought_ids, policy_hidden = self._write_chains(text, temperature, keep_states=with_policy)
+        last_token = self.get_input_embeddings()(thought_ids[..., -1:])  # (B, N, L, 1, H): t_T, not yet run
+        rest = torch.cat([last_token, self._after_thought(text, thought_ids.shape[1], lookahead)], dim=3)
+        hidden = self._run_chain(text, rest, step_offset=thought_ids.shape[-1], streaming=True)  # (B, N, L, A+1, H)
+        text.kv.own.clear()
+        return thought_ids, self._read_out(text, policy_hidden, hidden[..., 1:, :])
+
     # Not compiled: under `torch.compile(model)` sampling runs eagerly between the compiled text and thought passes
     # (a graph break). Its T steps are T more decoder passes whose attention shapes change step by step (the chain
     # grows), so traced they unroll into T copies of the decoder: 1411 FX nodes for the tiny test llama's training
@@ -464,50 +487,69 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.compiler.disable
     @torch.no_grad()
     def sample_thoughts(self, text: TextPass, temperature: float) -> Tensor:
-        """Step 2: sample T tokens after every position, N thoughts each, all positions in parallel.
+        """Step 2 alone: thought ids (B, N, L, T) sampled without gradient (see `_write_chains`), e.g. to read them
+        with `thought_pass` later."""
+        thought_ids, _ = self._write_chains(text, temperature, keep_states=False)
+        text.kv.own.clear()
+        return thought_ids
+
+    @torch.compiler.disable
+    def _write_chains(self, text: TextPass, temperature: float, keep_states: bool) -> tuple[Tensor, Tensor | None]:
+        """Sample T tokens after every position, N thoughts each, all positions in parallel.
 
         Chain step k runs N*L queries at once (one per thought and position, N = `text.kv.n_thoughts`); each attends
-        to the text up to its position and its own earlier steps, whose K/V are kept in `text.kv`. Tokens are drawn
-        from the output head chunk by chunk (output_head.sample_tokens). Returns thought ids (B, N, L, T).
+        to the text up to its position and its own earlier steps, whose K/V stay in `text.kv.own`. Tokens are drawn
+        from the output head chunk by chunk (output_head.sample_tokens). Returns thought ids (B, N, L, T) and, with
+        `keep_states`, the states at steps 0 .. T-1 (B, N, L, T, H), which predict t_1 .. t_T.
         """
         batch, length = text.input_ids.shape
         start, _ = self.marker_embeddings()
         head = OutputHead.of(self.model)
         step_embeds = start.expand(batch, text.kv.n_thoughts, length, 1, -1)  # (B, N, L, 1, H)
-        tokens = []
+        tokens, states = [], []
         for step in range(self.config.thought_length):
             hidden = self._run_chain(text, step_embeds, step_offset=step, streaming=True)  # (B, N, L, 1, H)
             token = sample_tokens(head, hidden[..., 0, :], temperature, self.marker_ids, self._chunk_rows(text))
             tokens.append(token)  # (B, N, L)
+            states.append(hidden)
             step_embeds = self.get_input_embeddings()(token).unsqueeze(-2)
-        text.kv.own.clear()  # the chains' K/V buffers serve sampling only; checkpointed layers would keep them alive
-        return torch.stack(tokens, dim=-1)
+        return torch.stack(tokens, dim=-1), torch.cat(states, dim=3) if keep_states else None
 
     def thought_pass(self, text: TextPass, thought_ids: Tensor, lookahead: int, with_policy: bool = True) -> ThoughtPass:
-        """Step 3: one teacher-forced pass over every chain [SoT, t_1..t_T, EoT, x_{i+1}..x_{i+A-1}] (B, N, L, S).
-        `with_policy`: also keep the states that predict the thought tokens (for the REINFORCE term)."""
+        """Step 3 for given thoughts: one teacher-forced pass over every chain [SoT, t_1..t_T, EoT, x_{i+1}..x_{i+A-1}]
+        (B, N, L, S). `with_policy`: also keep the states that predict the thought tokens (for the REINFORCE term)."""
         batch, n_thoughts, length, thought_length = thought_ids.shape
-        start, end = self.marker_embeddings()
-        embed = self.get_input_embeddings()
-        true_next = text.input_ids[:, lookahead_index(length, lookahead, thought_ids.device)[:, 1:]]  # (B, L, A-1)
+        start, _ = self.marker_embeddings()
         chain = torch.cat(
             [
                 start.expand(batch, n_thoughts, length, 1, -1),
-                embed(thought_ids),
-                end.expand(batch, n_thoughts, length, 1, -1),
-                embed(true_next).unsqueeze(1).expand(-1, n_thoughts, -1, -1, -1),
+                self.get_input_embeddings()(thought_ids),
+                self._after_thought(text, n_thoughts, lookahead),
             ],
             dim=3,
         )  # (B, N, L, S, H)
         hidden = self._run_chain(text, chain, step_offset=0)
+        # EoT .. x_{i+A-1}: the predictions of x_{i+1} .. x_{i+A}
+        return self._read_out(text, hidden[..., :thought_length, :] if with_policy else None, hidden[..., thought_length + 1 :, :])
+
+    def _after_thought(self, text: TextPass, n_thoughts: int, lookahead: int) -> Tensor:
+        """The chain after the thought, [EoT, x_{i+1} .. x_{i+A-1}]: embeddings (B, N, L, A, H)."""
+        batch, length = text.input_ids.shape
+        _, end = self.marker_embeddings()
+        true_next = text.input_ids[:, lookahead_index(length, lookahead, text.input_ids.device)[:, 1:]]  # (B, L, A-1)
+        return torch.cat(
+            [
+                end.expand(batch, n_thoughts, length, 1, -1),
+                self.get_input_embeddings()(true_next).unsqueeze(1).expand(-1, n_thoughts, -1, -1, -1),
+            ],
+            dim=3,
+        )
+
+    def _read_out(self, text: TextPass, policy_hidden: Tensor | None, hidden: Tensor) -> ThoughtPass:
         head = OutputHead.of(self.model)
         if not torch.compiler.is_compiling():  # one row: cheap, and catches unknown heads (a graph break when compiled)
             head.check(text.hidden[:, -1].detach(), text.logits[:, -1].detach())
-        return ThoughtPass(
-            policy_hidden=hidden[..., :thought_length, :] if with_policy else None,
-            hidden=hidden[..., thought_length + 1 :, :],  # EoT .. x_{i+A-1}: the predictions of x_{i+1} .. x_{i+A}
-            head=head,
-        )
+        return ThoughtPass(policy_hidden=policy_hidden, hidden=hidden, head=head)
 
     def _run_chain(self, text: TextPass, embeds: Tensor, step_offset: int, streaming: bool = False) -> Tensor:
         """Run chain steps step_offset .. step_offset+Sq-1 of every (thought, position) through the base model's

@@ -186,14 +186,14 @@ def test_policy_states_only_when_the_policy_term_is_used():
     model, _ = make_model("llama", policy_weight=1.0)
     ids = random_text(1, 8)
     seen = []
-    original = model.thought_pass
+    original = model.think
 
     def spy(*args, **kwargs):
-        thoughts = original(*args, **kwargs)
+        thought_ids, thoughts = original(*args, **kwargs)
         seen.append(thoughts.policy_hidden is not None)
-        return thoughts
+        return thought_ids, thoughts
 
-    model.thought_pass = spy
+    model.think = spy
     model.train()(ids, labels=ids)  # sampled thoughts, policy term: needed
     model.eval()(ids, labels=ids)  # greedy thoughts: no score function
     model.eval()(ids)  # no labels
