@@ -11,6 +11,7 @@ the growth of the peak resident set size over the process's size before the firs
 
     python benchmarks/bench_train_step.py                         # random llama (~25M), CPU (+ CUDA if present)
     python benchmarks/bench_train_step.py --base smollm2 --length 64 --thought-length 4
+    python benchmarks/bench_train_step.py --length 128 --pairs 8    # + interleaved rounds, for a shared CPU
 
 Prints a table, then one JSON line with every figure.
 """
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,8 +57,8 @@ def build_model(base: str, thought_length: int, lookahead: int, n_thoughts: int,
     return quietstar.QuietStarForCausalLM.from_base(AutoModelForCausalLM.from_config(config), tokenizer, **fields)[0]
 
 
-def measure(case: str, args: argparse.Namespace, device: str) -> dict:
-    """Run in a fresh process: time `repeats` steps of `case` after one warm-up step; peak memory of the steps."""
+def make_step(case: str, args: argparse.Namespace, device: str) -> Callable[[], None]:
+    """One training step of `case` ("quietstar" or "plain", the floor) on a fresh model, synchronised on CUDA."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args.base, args.thought_length, args.lookahead, args.n_thoughts, args.hidden, args.layers)
@@ -76,23 +78,25 @@ def measure(case: str, args: argparse.Namespace, device: str) -> dict:
                 for _ in range(chain_steps):
                     model.model(rows, labels=rows, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
-
-    def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
+    return step
+
+
+def measure(case: str, args: argparse.Namespace, device: str) -> dict:
+    """Run in a fresh process: time `repeats` steps of `case` after one warm-up step; peak memory of the steps."""
+    step = make_step(case, args, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:  # the peak RSS only grows: read it before the first step, which allocates the most (gradients, caches)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step()  # warm-up: allocator, kernels, lazy inits (untimed; its memory counts in the peak)
-    sync()
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         step()
-        sync()
         times.append(time.perf_counter() - start)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - before
@@ -101,9 +105,27 @@ def measure(case: str, args: argparse.Namespace, device: str) -> dict:
     return {"case": case, "device": device, "median_s": statistics.median(times), "times_s": times, "peak_mib": peak / 2**20}
 
 
+def measure_pairs(args: argparse.Namespace, device: str) -> dict:
+    """Run in a fresh process: `pairs` rounds of one Quiet-STaR step then one floor step, after a warm-up of each.
+    The median of the rounds' time ratios is robust to load that drifts during a run (a shared CPU), which moves
+    the medians of separately run cases by up to 2x."""
+    quietstar_step, floor_step = make_step("quietstar", args, device), make_step("plain", args, device)
+    quietstar_step(), floor_step()
+    ratios = []
+    for _ in range(args.pairs):
+        start = time.perf_counter()
+        quietstar_step()
+        middle = time.perf_counter()
+        floor_step()
+        ratios.append((middle - start) / (time.perf_counter() - middle))
+    return {"case": "pairs", "device": device, "median_ratio": statistics.median(ratios), "ratios": ratios}
+
+
 def run_case(case: str, args: argparse.Namespace, device: str) -> dict:
     """`measure` in a fresh spawned process (its own peak memory); its exceptions are raised here."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
+        if case == "pairs":
+            return pool.apply(measure_pairs, (args, device))
         return pool.apply(measure, (case, args, device))
 
 
@@ -118,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lookahead", type=int, default=4)
     parser.add_argument("--n-thoughts", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="also time this many alternating (Quiet-STaR step, floor) rounds in one process")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     return parser.parse_args(argv)
@@ -141,6 +165,11 @@ def main() -> None:
               f"peak +{floor['peak_mib']:.0f} MiB | ratio {ratio:.2f}x")
         results.append({"case": "ratio", "device": device, "time_ratio": ratio,
                         "memory_ratio": quietstar_step["peak_mib"] / max(floor["peak_mib"], 1e-9)})
+        if args.pairs:
+            pairs = run_case("pairs", args, device)
+            results.append(pairs)
+            print(f"{device}: {args.pairs} alternating rounds, time ratio per round: median {pairs['median_ratio']:.2f}x "
+                  f"(min {min(pairs['ratios']):.2f}x, max {max(pairs['ratios']):.2f}x)")
     print(json.dumps({"args": vars(args), "commit": commit, "results": results}))
 
 
