@@ -89,8 +89,14 @@ def _attend_block(q, k_base, v_base, k_own, v_own, first_position: int, scale: f
     k_own: (B, N, Hkv, C, Sk, D). Returns (B, N, Hkv, G, C, Sq, D)."""
     n_block, n_steps, n_text, n_own = q.shape[-3], q.shape[-2], k_base.shape[-2], k_own.shape[-2]
     device = q.device
+    n_groups = q.shape[3]
     scores_text = einsum(q, k_base, "b n h g c s d, b h j d -> b n h g c s j") * scale
-    scores_own = einsum(q, k_own, "b n h g c s d, b n h c t d -> b n h g c s t") * scale
+    # Own keys: per (b, n, h, c) a tiny (g s) x t product. As matmuls over contiguous operands: on strided ones CPU
+    # bmm copies and multiplies batch entry by batch entry (B*N*Hkv*C of them), which made this term 30% of the
+    # attention's time at L = 128.
+    q_own = rearrange(q, "b n h g c s d -> b n h c (g s) d").contiguous()
+    scores_own = rearrange(q_own @ k_own.contiguous().transpose(-1, -2), "b n h c (g s) t -> b n h g c s t", g=n_groups)
+    scores_own = scores_own * scale
     position = torch.arange(first_position, first_position + n_block, device=device)
     text_visible = torch.arange(n_text, device=device) <= position[:, None, None]  # (C, 1, J): j <= i
     step = torch.arange(step_offset, step_offset + n_steps, device=device)
@@ -101,8 +107,9 @@ def _attend_block(q, k_base, v_base, k_own, v_own, first_position: int, scale: f
     )
     softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # fp32 softmax, fp64 stays fp64
     probs_text, probs_own = scores.softmax(dim=-1, dtype=softmax_dtype).to(q.dtype).split([n_text, n_own], dim=-1)
-    return einsum(probs_text, v_base, "b n h g c s j, b h j d -> b n h g c s d") + einsum(
-        probs_own, v_own, "b n h g c s t, b n h c t d -> b n h g c s d"
+    out_own = rearrange(probs_own, "b n h g c s t -> b n h c (g s) t").contiguous() @ v_own.contiguous()
+    return einsum(probs_text, v_base, "b n h g c s j, b h j d -> b n h g c s d") + rearrange(
+        out_own, "b n h c (g s) d -> b n h g c s d", g=n_groups
     )
 
 
