@@ -529,8 +529,8 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             dim=3,
         )  # (B, N, L, S, H)
         hidden = self._run_chain(text, chain, step_offset=0)
-        # EoT .. x_{i+A-1}: the predictions of x_{i+1} .. x_{i+A}
-        return self._read_out(text, hidden[..., :thought_length, :] if with_policy else None, hidden[..., thought_length + 1 :, :])
+        policy_hidden = hidden[..., :thought_length, :] if with_policy else None
+        return self._read_out(text, policy_hidden, hidden[..., thought_length + 1 :, :])  # EoT ..: x_{i+1} .. x_{i+A}
 
     def _after_thought(self, text: TextPass, n_thoughts: int, lookahead: int) -> Tensor:
         """The chain after the thought, [EoT, x_{i+1} .. x_{i+A-1}]: embeddings (B, N, L, A, H)."""
