@@ -493,7 +493,6 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         text.kv.own.clear()
         return thought_ids
 
-    @torch.compiler.disable
     def _write_chains(self, text: TextPass, temperature: float, keep_states: bool) -> tuple[Tensor, Tensor | None]:
         """Sample T tokens after every position, N thoughts each, all positions in parallel.
 
