@@ -20,7 +20,10 @@ Nt = B * L text tokens, Nc = B * N * L * S chain tokens (S = T + A + 1), p the a
     chunk     one chunk of log-probabilities at a time, rows * V * 4 (x3: logits, log-softmax, gradient),
               rows = min(1024, B * L): never a vocabulary-sized tensor per chain token (a transient)
     grads     4 bytes per parameter (fp32 master weights)
-    step      grads + saved + logits + max(chunk, recomputed layer)
+    head      V * H * 4: the output head's weight gradients of the mixed and the policy term are formed in forward
+              and held until backward reaches them (output_head.HeadLogProbs): two V x H buffers before the head's
+              own gradient (counted in grads) exists, at most one beside it after
+    step      grads + head + saved + logits + max(chunk, recomputed layer)
 
 and the whole training process adds weights (4 bytes/param) and AdamW's two moments (8 bytes/param).
 Measured: the bytes of all tensors alive at once during one step (a TorchDispatchMode that follows each storage's
@@ -94,9 +97,9 @@ class StepShape:
 
 def predict(base: BaseShape, step: StepShape) -> dict[str, float]:
     """Bytes of one training step by component, and `step` = their peak (weights and optimizer states excluded):
-    what stays alive through the step (gradients, saved activations, the text logits) plus the largest transient,
-    either one chunk of log-probabilities (at the start of backward) or, with checkpointing, one recomputed layer
-    (later in backward) -- they never coexist."""
+    what stays alive through the step (gradients, the head gradients formed in forward, saved activations, the text
+    logits) plus the largest transient, either one chunk of log-probabilities (in forward) or, with checkpointing,
+    one recomputed layer (in backward) -- they never coexist."""
     h, d, p = base.hidden, base.head_dim, step.activation_bytes
     chain = step.thought_length + step.lookahead + 1
     text_tokens = step.batch * step.length
@@ -113,12 +116,13 @@ def predict(base: BaseShape, step: StepShape) -> dict[str, float]:
         saved, recompute = base.layers * layer_saved, 0
     parts = dict(
         grads=4 * base.parameters,
+        head=base.vocab * h * 4,  # the head gradients formed in forward, beyond the head's own gradient (see above)
         saved=saved,
         logits=2 * text_tokens * base.vocab * p,  # the text pass's logits and their gradient
         chunk=3 * min(step.chunk_rows, text_tokens) * base.vocab * 4,  # chunks never exceed the text's B * L rows
         recompute=recompute,
     )
-    parts["step"] = parts["grads"] + saved + parts["logits"] + max(parts["chunk"], recompute)
+    parts["step"] = parts["grads"] + parts["head"] + saved + parts["logits"] + max(parts["chunk"], recompute)
     return parts
 
 

@@ -40,15 +40,15 @@ from .attention import ATTN_IMPLEMENTATION, ThoughtKV, register_quietstar_attent
 from .attention_backend import thought_attention_kernel
 from .configuration_quietstar import QuietStarConfig
 from .mixing import MixingHead, MixingLogit
-from .objective import LookaheadTargets, lookahead_index, quietstar_loss
+from .objective import LogProbs, LookaheadTargets, lookahead_index, quietstar_loss
 from .output_head import (
     CHUNK_ROWS,
     OutputHead,
+    head_log_probs,
     logits_token_log_probs,
+    mixed_log_probs,
     mixed_next_token_log_probs,
-    mixed_token_log_probs,
     sample_tokens,
-    token_log_probs,
 )
 from .thinking import CACHE_KWARG, ThinkGate, Thinker, ThoughtTrace, think_next_token
 from .thought_tokens import (
@@ -615,11 +615,8 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             policy_reward=config.policy_reward,
         )
 
-    # Not compiled: under `torch.compile(model)` this runs eagerly between two compiled graphs (graph breaks). Its chunk
-    # loops (output_head.py) unroll when traced, and every chunk gets its own kernels, forward and backward, because
-    # its slice offsets are baked into the generated code: N * (T + A) chunks and more per step at real sizes. On the
-    # tiny test llama with given thoughts that was 13 of 70 kernels, 217 s -> 180 s of inductor compile time on 2 CPU
-    # cores, for work that is one matmul and a logsumexp per chunk, which inductor cannot fuse across the matmul anyway.
+    # Not compiled, like `HeadLogProbs.weighted_sum` (see there): chunk loops over the vocabulary would unroll when
+    # traced, with kernels per chunk, for work inductor cannot fuse across the matmul anyway.
     @torch.compiler.disable
     def _vocabulary_log_probs(
         self,
@@ -633,22 +630,21 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         thought_ids: Tensor,
         temperature: float,
         chunk_rows: int,
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """The objective's per-token log-probabilities, each computed chunk by chunk from the output head:
-        base (B, L) of `next_labels` from the text logits; mixed (B, N, L, A) of `targets`; the post-thought prediction
-        alone (B, N, L, A) when `thought_nll_weight` > 0 or `policy_reward` is "thought"; the policy's log pi(t_k) (B, N, L, T) at `temperature` when
-        `policy_hidden` is given. Marker tokens are banned in every distribution."""
+    ) -> tuple[Tensor, LogProbs, LogProbs | None, LogProbs | None]:
+        """The objective's per-token log-probabilities, each computed chunk by chunk from the output head (the chain
+        steps' ones when the objective takes their weighted sums, output_head.HeadLogProbs): base (B, L) of
+        `next_labels` from the text logits; mixed (B, N, L, A) of `targets`; the post-thought prediction alone
+        (B, N, L, A) when `thought_nll_weight` > 0 or `policy_reward` is "thought"; the policy's log pi(t_k)
+        (B, N, L, T) at `temperature` when `policy_hidden` is given. Marker tokens are banned in every distribution."""
         head, banned = OutputHead.of(self.model), self.marker_ids
         base = logits_token_log_probs(text_logits, next_labels, banned_ids=banned, chunk_rows=chunk_rows)
-        mixed = mixed_token_log_probs(
-            head, base_hidden, thought_hidden, weights, targets, banned_ids=banned, chunk_rows=chunk_rows
-        )
+        mixed = mixed_log_probs(head, base_hidden, thought_hidden, weights, targets, banned_ids=banned, chunk_rows=chunk_rows)
         thought = None
         if self.config.thought_nll_weight > 0 or self.config.policy_reward == "thought":  # post-thought, no mixing
-            thought = token_log_probs(head, thought_hidden, targets, banned_ids=banned, chunk_rows=chunk_rows)
+            thought = head_log_probs(head, thought_hidden, targets, banned_ids=banned, chunk_rows=chunk_rows)
         policy = None
         if policy_hidden is not None:  # log pi(t_k) at the sampling temperature
-            policy = token_log_probs(
+            policy = head_log_probs(
                 head, policy_hidden, thought_ids, temperature=temperature, banned_ids=banned, chunk_rows=chunk_rows
             )
         return base, mixed, thought, policy

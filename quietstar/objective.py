@@ -26,6 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .output_head import HeadLogProbs, TensorLogProbs
+
+LogProbs = Tensor | HeadLogProbs | TensorLogProbs  # per-token log-probabilities, as the objective takes them
+
 POLICY_REWARDS = ("mixed", "thought")  # what a thought's reward is measured on (config.policy_reward)
 
 
@@ -87,8 +91,8 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 def quietstar_loss(
     base_log_probs: Tensor,
-    mixed_log_probs: Tensor,
-    policy_log_probs: Tensor | None,
+    mixed_log_probs: LogProbs,
+    policy_log_probs: LogProbs | None,
     base_mask: Tensor,
     thought_mask: Tensor,
     *,
@@ -96,11 +100,15 @@ def quietstar_loss(
     mixed_loss_weight: float,
     policy_weight: float,
     clip_advantage: bool,
-    thought_log_probs: Tensor | None = None,
+    thought_log_probs: LogProbs | None = None,
     thought_nll_weight: float = 0.0,
     policy_reward: str = "mixed",
 ) -> QuietStarLoss:
     """Combine the per-token log-probabilities into the Quiet-STaR loss.
+
+    Each term is a mean, i.e. a weighted sum with constant coefficients (the advantages are constants too), and the
+    chain-step log-probs are taken only that way (`weighted_sum`): a linear head then forms their gradient while the
+    logits exist (output_head.HeadLogProbs). Tensors (with their autograd graph) are accepted as well.
 
     Args:
         base_log_probs: (B, L, A) log p_base(x_{i+1+s}), the base model's prediction at position i+s.
@@ -115,26 +123,37 @@ def quietstar_loss(
     """
     if policy_reward not in POLICY_REWARDS or (policy_reward == "thought" and thought_log_probs is None):
         raise ValueError(f"policy_reward must be one of {POLICY_REWARDS}; 'thought' needs thought_log_probs, got {policy_reward!r}.")
+    mixed, policy, thought = (
+        TensorLogProbs(x) if isinstance(x, Tensor) else x for x in (mixed_log_probs, policy_log_probs, thought_log_probs)
+    )
     nll_base = -masked_mean(base_log_probs[..., 0], base_mask)
     per_thought = thought_mask.unsqueeze(1)  # (B, 1, L), broadcast over thoughts
-    nll_mixed = -masked_mean(mixed_log_probs.mean(dim=-1), per_thought)
+    # masked_mean over (B, N, L) of a mean over the last axis, as coefficients: 1 / (count * size) where counted
+    counted = per_thought.expand(mixed.shape[:-1])
+    mean_weights = (counted / counted.sum().clamp(min=1)).unsqueeze(-1).float()  # (B, N, L, 1)
+    nll_mixed, mixed_values = mixed.weighted_sum(-mean_weights / mixed.shape[-1])
 
-    rewarded = thought_log_probs if policy_reward == "thought" else mixed_log_probs
-    reward = (rewarded - base_log_probs.unsqueeze(1)).sum(dim=-1).detach()  # (B, N, L)
-    advantage = reward - reward.mean(dim=1, keepdim=True)  # baseline: mean over the N thoughts of the position
+    nll_thought, thought_values = None, None
+    if thought is not None:
+        coefficients = -mean_weights / thought.shape[-1]
+        nll_thought, thought_values = thought.weighted_sum(coefficients if thought_nll_weight > 0 else None)
+        if nll_thought is None:
+            nll_thought = (coefficients * thought_values).sum()
+    rewarded = thought_values if policy_reward == "thought" else mixed_values
+    reward = (rewarded - base_log_probs.detach().unsqueeze(1)).sum(dim=-1)  # (B, N, L), a constant
+    advantage = reward - reward.mean(dim=1, keepdim=True)  # baseline: the mean over the N thoughts of the position
     if clip_advantage:
         advantage = advantage.clamp(min=0)
-    if policy_log_probs is None:
-        policy_loss = mixed_log_probs.new_zeros(())
+    if policy is None:
+        policy_loss = mixed_values.new_zeros(())
     else:
-        policy_loss = -masked_mean(advantage * policy_log_probs.mean(dim=-1), per_thought)
+        # where, not a product: a masked entry's advantage may be nan (-inf log-probs of placeholder targets)
+        coefficients = torch.where(mean_weights > 0, -advantage.unsqueeze(-1) * mean_weights, 0.0)
+        policy_loss, _ = policy.weighted_sum(coefficients / policy.shape[-1])
 
     loss = base_loss_weight * nll_base + mixed_loss_weight * nll_mixed + policy_weight * policy_loss
-    nll_thought = None
-    if thought_log_probs is not None:
-        nll_thought = -masked_mean(thought_log_probs.mean(dim=-1), per_thought)
-        if thought_nll_weight > 0:
-            loss = loss + thought_nll_weight * nll_thought
+    if thought is not None and thought_nll_weight > 0:
+        loss = loss + thought_nll_weight * nll_thought
     return QuietStarLoss(
         loss=loss,
         nll_base=nll_base.detach(),

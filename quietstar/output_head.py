@@ -10,11 +10,12 @@ so log p_mixed(x) needs only the mixed hidden state. Heads with logit soft-cappi
 `final_logit_softcapping`: cap * tanh(z / cap)) are not linear; for them the mixing is done on each chunk's logits
 (the same chunking, twice the head work).
 
-Each chunk is recomputed in backward, so autograd keeps only the inputs: the saved memory is O(rows * H), not
-O(rows * V). For linear heads a hand-written backward (`_LinearLogProbs`) does this with one logsumexp per row saved:
-it recomputes the chunk's logits once and turns them into the gradient in place, and accumulates the weight's
-gradient in one buffer, instead of replaying the forward's ops under autograd (non-reentrant checkpointing, kept for
-soft-capped heads and for logits that already exist).
+No chunk's logits are kept for backward: the saved memory is O(rows * H), not O(rows * V). The objective takes its
+log-probs only as weighted sums with constant coefficients (its means, weights and advantages), so for linear heads
+`_LinearLogProbSum` forms the gradient in forward while each chunk's logits exist, in place, with the weight's
+gradient accumulated in one buffer: one head matmul forward and two for the gradient per chunk, the least possible.
+Per-token log-probs with gradient (`token_log_probs`, soft-capped heads, logits that already exist) recompute each
+chunk in backward (non-reentrant checkpointing).
 
 Dimensions: R rows (flattened tokens), C rows in a chunk, H hidden size, V vocabulary.
 """
@@ -100,51 +101,41 @@ def _by_chunks(function: Callable[..., Tensor], rows: list[Tensor], chunk_rows: 
     return torch.cat(results) if results else rows[0].new_zeros(0, dtype=torch.float32)
 
 
-class _LinearLogProbs(torch.autograd.Function):
-    """log softmax(scale * (h W^T + b) / temperature)[target] for rows h (R, H) of a linear head, chunk by chunk.
+class _LinearLogProbSum(torch.autograd.Function):
+    """sum_r c_r log softmax(scale * (h_r W^T + b) / temperature)[t_r] over rows h (R, H) of a linear head, with its
+    gradient formed in forward, chunk by chunk, while each chunk's logits z exist:
 
-    Forward saves h and each row's logsumexp (R,). Backward recomputes a chunk's logits z and forms, in place,
-    d log p(t) / dz = (onehot(t) - softmax(z)) * scale / temperature, times the incoming gradient; then one matmul
-    each for dh and dW (accumulated in one float32 buffer) and a sum for db. Autocast: the matmuls run in the
-    forward's autocast dtype in backward too, as autograd would run the backward of an autocast `F.linear`."""
+        d/dz = c * (onehot(t) - softmax(z)) * scale / temperature    (in place on the chunk's logits)
+        dh = d/dz W,   dW += (d/dz)^T h,   db += sum_rows d/dz
+
+    Returns (the weighted sum, a scalar; the log-probabilities (R,), without gradient). Backward only scales the saved
+    dh, dW, db by the incoming gradient: each chunk's logits are formed once instead of twice (a backward that
+    recomputes them), for a V x H float32 weight gradient held from forward to backward. The coefficients c (R,) are
+    constants, known in forward (the objective's weights and advantages, objective.py). Autocast: the matmuls run in
+    the autocast dtype, as autograd would run the backward of an autocast `F.linear`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, temperature, banned_ids, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, coefficients, scale, temperature, banned_ids, chunk_rows):
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         head = OutputHead(weight, bias, scale)
         banned = torch.tensor(list(banned_ids), dtype=torch.long, device=hidden.device)
-        log_probs = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        lse = torch.empty_like(log_probs)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            logits = _scaled_logits(head, hidden[rows], temperature, banned)
-            lse[rows] = logits.logsumexp(dim=-1)
-            log_probs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
         device_type = hidden.device.type
-        ctx.autocast = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type), device_type
-        ctx.scale, ctx.temperature, ctx.banned, ctx.chunk_rows = scale, temperature, banned, chunk_rows
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        return log_probs
-
-    @staticmethod
-    def backward(ctx, grad_log_probs):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        head = OutputHead(weight, bias, ctx.scale)
+        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        compute_weight = weight.to(compute_dtype)
+        log_probs = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias else None
-        enabled, autocast_dtype, device_type = ctx.autocast
-        compute_dtype = autocast_dtype if enabled else weight.dtype  # the dtype the forward's matmul ran in
-        compute_weight = weight.to(compute_dtype)
-        for start in range(0, hidden.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            grad_out = grad_log_probs[rows].float()
-            with torch.autocast(device_type, dtype=autocast_dtype, enabled=enabled):
-                grad_logits = _scaled_logits(head, hidden[rows], ctx.temperature, ctx.banned)
-            grad_logits.sub_(lse[rows, None]).exp_().mul_(-grad_out[:, None])  # -g * softmax
-            grad_logits.scatter_add_(-1, targets[rows, None], grad_out[:, None])  # + g * onehot(target)
-            grad_logits.index_fill_(-1, ctx.banned, 0.0)  # banned logits are constants (-inf), even as a target
-            grad_logits.mul_(ctx.scale / ctx.temperature)  # (C, V): d loss / d (h W^T + b)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = _scaled_logits(head, hidden[rows], temperature, banned)
+            lse = logits.logsumexp(dim=-1, keepdim=True)
+            log_probs[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse.squeeze(-1)
+            coefficient = coefficients[rows, None].float()
+            grad_logits = logits.sub_(lse).exp_().mul_(-coefficient)  # -c * softmax
+            grad_logits.scatter_add_(-1, targets[rows, None], coefficient)  # + c * onehot(target)
+            grad_logits.index_fill_(-1, banned, 0.0)  # banned logits are constants (-inf), even as a target
+            grad_logits.mul_(scale / temperature)  # (C, V): d sum / d (h W^T + b)
             if needs_bias:
                 grad_bias += grad_logits.sum(dim=0)
             grad_logits = grad_logits.to(compute_dtype)
@@ -152,9 +143,30 @@ class _LinearLogProbs(torch.autograd.Function):
                 grad_hidden[rows] = (grad_logits @ compute_weight).to(hidden.dtype)
             if needs_weight:
                 grad_weight += (grad_logits.T @ hidden[rows].to(compute_dtype)).float()
-        grad_weight = grad_weight.to(weight.dtype) if needs_weight else None
-        grad_bias = grad_bias.to(bias.dtype) if needs_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        ctx.grads = (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if needs_weight else None,
+            grad_bias.to(bias.dtype) if needs_bias else None,
+        )
+        ctx.mark_non_differentiable(log_probs)
+        return _weighted_sum(coefficients.float(), log_probs), log_probs
+
+    @staticmethod
+    def backward(ctx, grad_sum, _grad_log_probs):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "backward through a weighted log-prob sum ran twice: its gradient is formed once, in forward, and freed "
+                "by the first backward. Compute the loss again instead of retain_graph=True."
+            )
+        grads = tuple(None if grad is None else grad * grad_sum.to(grad.dtype) for grad in ctx.grads)
+        ctx.grads = None  # free the buffers now, not when the graph goes
+        return *grads, None, None, None, None, None, None
+
+
+def _weighted_sum(coefficients: Tensor, log_probs: Tensor) -> Tensor:
+    """sum(coefficients * log_probs) over the entries with a nonzero coefficient: a masked entry's log-prob may be
+    -inf (a banned or placeholder target) and must not turn the sum into nan."""
+    return torch.where(coefficients != 0, coefficients * log_probs, 0.0).sum()
 
 
 def _scaled_logits(head: OutputHead, hidden: Tensor, temperature: float, banned: Tensor) -> Tensor:
@@ -176,18 +188,88 @@ def token_log_probs(
 ) -> Tensor:
     """log softmax(head(hidden) / temperature)[targets] with `banned_ids` removed from the distribution.
 
-    hidden (..., H), targets (...) token ids -> (...) float32. Never holds more than `chunk_rows` rows of logits."""
-    shape = targets.shape
-    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    if head.linear:
-        return _LinearLogProbs.apply(
-            flat_hidden, head.weight, head.bias, flat_targets, head.scale, temperature, tuple(banned_ids), chunk_rows
-        ).reshape(shape)
+    hidden (..., H), targets (...) token ids -> (...) float32. Never holds more than `chunk_rows` rows of logits; with
+    gradients each chunk is recomputed in backward. (Training takes its log-probs as weighted sums, `HeadLogProbs`.)"""
 
     def chunk(h: Tensor, t: Tensor) -> Tensor:
         return _log_softmax_at(head.logits(h), t, temperature, banned_ids)
 
-    return _by_chunks(chunk, [flat_hidden, flat_targets], chunk_rows).reshape(shape)
+    rows = [hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)]
+    return _by_chunks(chunk, rows, chunk_rows).reshape(targets.shape)
+
+
+@dataclass
+class TensorLogProbs:
+    """Per-token log-probabilities that exist as a tensor (with its autograd graph), in the interface of
+    `HeadLogProbs`: `weighted_sum(c)` = (sum(c * log_probs), log_probs without gradient)."""
+
+    log_probs: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.log_probs.shape
+
+    def weighted_sum(self, coefficients: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        total = None if coefficients is None else _weighted_sum(coefficients, self.log_probs)
+        return total, self.log_probs.detach()
+
+
+@dataclass
+class HeadLogProbs:
+    """log softmax(head(hidden) / temperature)[targets] without `banned_ids`, for a linear head, taken by the objective
+    only as a weighted sum: `weighted_sum(c)` -> (sum(c * log_probs) with gradient, or None when c is None; the
+    log_probs (...) without gradient). With gradients recorded it runs `_LinearLogProbSum` (the gradient formed in
+    forward, each chunk's logits formed once); without, plain chunks. hidden (..., H), targets (...)."""
+
+    head: OutputHead
+    hidden: Tensor
+    targets: Tensor
+    temperature: float = 1.0
+    banned_ids: Sequence[int] = ()
+    chunk_rows: int = CHUNK_ROWS
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.targets.shape
+
+    # Not compiled: under `torch.compile(model)` this runs eagerly between compiled graphs (a graph break). Its chunk
+    # loop would unroll when traced, every chunk with its own kernels because its slice offsets are baked into the
+    # generated code (N * (T + A) chunks and more per step at real sizes); on the tiny test llama that was 13 of 70
+    # kernels and 217 s -> 180 s of inductor compile time on 2 CPU cores, for one matmul and a logsumexp per chunk.
+    @torch.compiler.disable
+    def weighted_sum(self, coefficients: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        head, hidden = self.head, self.hidden.reshape(-1, self.hidden.shape[-1])
+        differentiable = [t for t in (hidden, head.weight, head.bias) if t is not None]
+        if coefficients is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)):
+            with torch.no_grad():
+                log_probs = token_log_probs(
+                    head, hidden, self.targets.reshape(-1), temperature=self.temperature,
+                    banned_ids=self.banned_ids, chunk_rows=self.chunk_rows,
+                ).reshape(self.shape)
+            return (None if coefficients is None else _weighted_sum(coefficients, log_probs)), log_probs
+        total, log_probs = _LinearLogProbSum.apply(
+            hidden, head.weight, head.bias, self.targets.reshape(-1), coefficients.expand(self.shape).reshape(-1),
+            head.scale, self.temperature, tuple(self.banned_ids), self.chunk_rows,
+        )
+        return total, log_probs.reshape(self.shape)
+
+
+def head_log_probs(
+    head: OutputHead,
+    hidden: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    banned_ids: Sequence[int] = (),
+    chunk_rows: int = CHUNK_ROWS,
+) -> HeadLogProbs | TensorLogProbs:
+    """`token_log_probs` for the objective: a `HeadLogProbs` for a linear head (gradient formed in forward), else the
+    per-token tensor (soft-capped heads, chunks recomputed in backward)."""
+    if head.linear:
+        return HeadLogProbs(head, hidden, targets, temperature, tuple(banned_ids), chunk_rows)
+    return TensorLogProbs(
+        token_log_probs(head, hidden, targets, temperature=temperature, banned_ids=banned_ids, chunk_rows=chunk_rows)
+    )
 
 
 def logits_token_log_probs(
@@ -203,7 +285,7 @@ def logits_token_log_probs(
     return _by_chunks(chunk, [logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)], chunk_rows).reshape(shape)
 
 
-def mixed_token_log_probs(
+def mixed_log_probs(
     head: OutputHead,
     base_hidden: Tensor,
     thought_hidden: Tensor,
@@ -212,15 +294,14 @@ def mixed_token_log_probs(
     *,
     banned_ids: Sequence[int] = (),
     chunk_rows: int = CHUNK_ROWS,
-) -> Tensor:
-    """log p_mixed(targets), p_mixed = softmax((1 - w) z_base + w z_thought) with `banned_ids` removed.
-
-    base_hidden, thought_hidden (..., H), weight (...), targets (...) -> (...) float32. A linear head mixes the hidden
-    states (exact, one head pass); a soft-capped head mixes each chunk's logits."""
+) -> HeadLogProbs | TensorLogProbs:
+    """log p_mixed(targets), p_mixed = softmax((1 - w) z_base + w z_thought) with `banned_ids` removed, for the
+    objective. base_hidden, thought_hidden (..., H), weight (...), targets (...). A linear head mixes the hidden
+    states (exact, one head pass; `HeadLogProbs`); a soft-capped head mixes each chunk's logits (a tensor)."""
     if head.linear:
         mixed = base_hidden + weight.unsqueeze(-1).to(thought_hidden.dtype) * (thought_hidden - base_hidden)
-        return token_log_probs(head, mixed, targets, banned_ids=banned_ids, chunk_rows=chunk_rows)
-    shape, size = targets.shape, base_hidden.shape[-1]
+        return HeadLogProbs(head, mixed, targets, banned_ids=tuple(banned_ids), chunk_rows=chunk_rows)
+    size = base_hidden.shape[-1]
 
     def chunk(h_base: Tensor, h_thought: Tensor, w: Tensor, t: Tensor) -> Tensor:
         z_base = head.logits(h_base)
@@ -228,7 +309,7 @@ def mixed_token_log_probs(
         return _log_softmax_at(mixed, t, 1.0, banned_ids)
 
     rows = [base_hidden.reshape(-1, size), thought_hidden.reshape(-1, size), weight.reshape(-1), targets.reshape(-1)]
-    return _by_chunks(chunk, rows, chunk_rows).reshape(shape)
+    return TensorLogProbs(_by_chunks(chunk, rows, chunk_rows).reshape(targets.shape))
 
 
 def mixed_next_token_log_probs(
@@ -270,6 +351,6 @@ def sample_tokens(
 
 
 __all__ = [
-    "OutputHead", "token_log_probs", "logits_token_log_probs", "mixed_token_log_probs", "mixed_next_token_log_probs",
-    "sample_tokens", "CHUNK_ROWS",
+    "OutputHead", "HeadLogProbs", "TensorLogProbs", "token_log_probs", "head_log_probs", "logits_token_log_probs",
+    "mixed_log_probs", "mixed_next_token_log_probs", "sample_tokens", "CHUNK_ROWS",
 ]
