@@ -65,7 +65,8 @@ class QuietStarConfig(PreTrainedConfig):
         end_thought_token_id (`int`, *optional*):
             Token id of `<|endofthought|>`; set by [`QuietStarForCausalLM.from_base`].
         thought_attention_backend (`str`, *optional*, defaults to `"auto"`):
-            `"triton"` (fused kernels), `"torch"` (PyTorch reference) or `"auto"` (triton on CUDA, torch elsewhere).
+            `"triton"` (fused kernels), `"cpu"` (PyTorch's fused CPU attention kernel), `"torch"` (PyTorch reference)
+            or `"auto"` (triton on CUDA, cpu on CPU, torch elsewhere).
             The environment variable `QUIETSTAR_THOUGHT_ATTENTION` overrides it.
         inference_thought_temperature (`float`, *optional*, defaults to 0.0):
             Temperature of the thoughts in eval mode (`model.eval()`): the forward without labels, `generate()`,

@@ -22,8 +22,8 @@ from quietstar.checkpoints import CheckpointError, load_checkpoint
 from quietstar.hub import model_card, push_to_hub, save_for_hub
 
 MODEL_CODE = {  # the configuration and modeling files and every sibling they import, flattened
-    "configuration_quietstar.py", "modeling_quietstar.py", "attention.py", "attention_backend.py", "mixing.py", "objective.py", "sampling.py",
-    "thought_tokens.py", "thinking.py", "output_head.py",
+    "configuration_quietstar.py", "modeling_quietstar.py", "attention.py", "attention_backend.py", "attention_cpu.py",
+    "mixing.py", "objective.py", "sampling.py", "thought_tokens.py", "thinking.py", "output_head.py",
 }
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "README.md"} | MODEL_CODE
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}

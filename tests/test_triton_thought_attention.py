@@ -10,6 +10,7 @@ import torch
 import quietstar
 import triton_kernels
 from quietstar.attention_backend import thought_attention_kernel
+from quietstar import attention_cpu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("out", "dq", "dk_base", "dv_base", "dk_own", "dv_own")
@@ -89,7 +90,8 @@ def test_strided_inputs_equal_contiguous_ones():
 
 def test_backend_selection(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert thought_attention_kernel("auto", cpu) is quietstar.thought_attention
+    assert thought_attention_kernel("auto", cpu) is attention_cpu.thought_attention_cpu
+    assert thought_attention_kernel("torch", cpu) is quietstar.thought_attention
     assert thought_attention_kernel("auto", cuda) is triton_kernels.thought_attention
     assert thought_attention_kernel("triton", cpu) is triton_kernels.thought_attention
     monkeypatch.setenv("QUIETSTAR_THOUGHT_ATTENTION", "torch")

@@ -1,0 +1,67 @@
+"""The CPU thought attention (attention_cpu.py: torch's fused CPU attention kernel for the text part, merged by
+log-sum-exp with the own chain) against the PyTorch reference: fp64 to 1e-10, forward and backward, on odd shapes
+(GQA, lengths that are not block multiples, streaming offsets, strided inputs); bf16 error within 2x of the
+reference's own bf16 error against the fp64 truth."""
+
+import pytest
+import torch
+
+from quietstar.attention import thought_attention
+from quietstar.attention_cpu import cpu_kernel_available, thought_attention_cpu
+from test_thought_attention import CASES, random_inputs
+
+pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="this torch lacks the fused CPU attention kernel")
+
+CPU_CASES = {**CASES, "gqa_3_over_1_long_L_70": (2, 2, 3, 1, 70, 9, 9, 24, 0)}  # past the reference's 64-position block
+
+
+@pytest.mark.parametrize("case", sorted(CPU_CASES))
+def test_matches_the_reference_forward_and_backward_in_float64(case):
+    *shape, step_offset = CPU_CASES[case]
+    inputs = random_inputs(*shape)
+    out = thought_attention_cpu(*inputs, scale=0.3, step_offset=step_offset)
+    expected = thought_attention(*inputs, scale=0.3, step_offset=step_offset)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    for name, got, want in zip(("q", "k_base", "v_base", "k_own", "v_own"), grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, msg=lambda m: f"d{name}: {m}")
+
+
+def test_strided_inputs_equal_contiguous_ones():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 4, 11, 4, 8, generator=generator)[..., :2, :]  # Sq = 2 of 4 steps
+    k_text, v_text = torch.randn(2, 1, 11, 2, 8, generator=generator).transpose(2, 3).unbind(0)
+    k_own, v_own = torch.randn(2, 1, 2, 2, 11, 6, 8, generator=generator)[..., :3, :].unbind(0)
+    args = (q, k_text, v_text, k_own, v_own)
+    strided = thought_attention_cpu(*args, step_offset=1)
+    torch.testing.assert_close(strided, thought_attention_cpu(*[t.contiguous() for t in args], step_offset=1))
+    torch.testing.assert_close(strided, thought_attention(*args, step_offset=1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["teacher_forced_gqa_9_3_odd_L", "gqa_3_over_1_long_L_70"])
+def test_bfloat16_error_within_twice_the_references(case):
+    *shape, step_offset = CPU_CASES[case]
+    truth_inputs = random_inputs(*shape)
+    low = [t.detach().bfloat16().requires_grad_() for t in truth_inputs]
+    truth = thought_attention(*truth_inputs, step_offset=step_offset)
+    grad_out = torch.randn_like(truth)
+    truth_grads = torch.autograd.grad(truth, truth_inputs, grad_out)
+    errors = {}
+    for name, function in (("cpu", thought_attention_cpu), ("reference", thought_attention)):
+        out = function(*low, step_offset=step_offset)
+        assert out.dtype == torch.bfloat16
+        grads = torch.autograd.grad(out, low, grad_out.bfloat16())
+        errors[name] = [(out.double() - truth).abs().max()] + [
+            (g.double() - t).abs().max() for g, t in zip(grads, truth_grads)
+        ]
+    for cpu_error, reference_error in zip(errors["cpu"], errors["reference"]):
+        assert cpu_error <= 2 * reference_error + 1e-3
+
+
+def test_cuda_tensors_are_refused_with_a_pointer_to_auto():
+    inputs = [t.detach().to("meta") for t in random_inputs(1, 1, 2, 1, 3, 2, 2, 8)]
+    with pytest.raises(ValueError, match="needs CPU tensors.*'auto' backend"):
+        thought_attention_cpu(*inputs)
