@@ -4,6 +4,7 @@
     python benchmarks/memory_model.py table      # the paper's settings (T=12, A=4, N=2, L=256) for four base shapes:
                                                  # which batch sizes fit in 24 / 80 / 141 GB
     python benchmarks/memory_model.py floor      # measured step peak vs the floor's (S plain passes), checkpointed
+                                                 # (--attention cpu: with the CPU kernel path, attention_cpu.py)
 
 The step memory (what a training step adds on top of the weights and optimizer states) is, in bytes, with
 Nt = B * L text tokens, Nc = B * N * L * S chain tokens (S = T + A + 1), p the activation dtype's size:
@@ -13,7 +14,8 @@ Nt = B * L text tokens, Nc = B * N * L * S chain tokens (S = T + A + 1), p the a
               attention output and o_proj's input, the MLP's gate, up, activation and product; chain tokens also
               keep q/k/v regrouped per thought and position), + the PyTorch reference attention's probabilities
               2 * Nc * Hq * (L + S) * 4 when L <= 64 (longer texts run in checkpointed blocks of 64 positions,
-              quietstar.attention.POSITION_BLOCK; the fused Triton kernel saves only its inputs and the log-sum-exp)
+              quietstar.attention.POSITION_BLOCK; the fused Triton kernel saves only its inputs and the log-sum-exp; the
+              CPU kernel path, attention_cpu.py, also its float32 output: Nc * Hq * (D + 1) * 4)
     saved     without checkpointing: layers * layer; with per-layer checkpointing: (Nt + Nc) * layers * H * p
               (each layer's input), and in backward one recomputed layer (a transient)
     logits    the text pass's logits Nt * V * p and their gradient
@@ -91,7 +93,7 @@ class StepShape:
     lookahead: int = 4
     activation_bytes: int = 2  # bf16 autocast; 4 for fp32
     checkpointing: bool = True
-    attention: str = "fused"  # "fused" (Triton, GPU) or "torch" (the PyTorch reference, CPU)
+    attention: str = "fused"  # "fused" (Triton, GPU), "cpu" (attention_cpu.py) or "torch" (the PyTorch reference)
     chunk_rows: int = 1024
 
 
@@ -109,6 +111,8 @@ def predict(base: BaseShape, step: StepShape) -> dict[str, float]:
     attention_layer = 0  # the PyTorch reference's saved probabilities (+ their contiguous copies for the value matmul)
     if step.attention == "torch" and step.length <= POSITION_BLOCK:
         attention_layer = 2 * chain_tokens * base.heads * (step.length + chain) * 4
+    if step.attention == "cpu":  # its float32 output and log-sum-exp
+        attention_layer = chain_tokens * base.heads * (d + 1) * 4
     layer_saved = text_tokens * per_token_layer * p + chain_tokens * (per_token_layer + chain_extra) * p + attention_layer
     if step.checkpointing:
         saved, recompute = (text_tokens + chain_tokens) * base.layers * h * p, layer_saved
@@ -175,7 +179,8 @@ def random_quietstar(base: BaseShape, step: StepShape):
                          tie_word_embeddings=base.tied)
     model, _ = quietstar.QuietStarForCausalLM.from_base(
         AutoModelForCausalLM.from_config(config), tokenizer, thought_length=step.thought_length,
-        lookahead=step.lookahead, n_thoughts=step.n_thoughts, policy_weight=1.0, thought_attention_backend="torch",
+        lookahead=step.lookahead, n_thoughts=step.n_thoughts, policy_weight=1.0,
+        thought_attention_backend="cpu" if step.attention == "cpu" else "torch",
     )
     model.log_prob_chunk_rows = step.chunk_rows
     if step.checkpointing:
@@ -234,13 +239,14 @@ def measure_floor(base: BaseShape, step: StepShape) -> int:
     return tracker.peak
 
 
-def compare_floor() -> list[dict]:
-    """Step peak vs floor peak, both with per-layer checkpointing (the issue's random llama, V = 8192)."""
+def compare_floor(attention: str = "torch") -> list[dict]:
+    """Step peak vs floor peak, both with per-layer checkpointing (the issue's random llama, V = 8192), with the
+    PyTorch reference attention ("torch") or the CPU kernel path ("cpu")."""
     base = BaseShape("llama-384x6", 384, 1024, 6, 6, 2, 8192, tied=True)
     rows = []
     print(f"{'base':>12} {'L':>4} {'T':>3} {'step MiB':>9} {'floor MiB':>10} {'ratio':>6}")
     for length, thought_length in ((64, 4), (128, 4), (64, 12)):
-        step = StepShape(1, length, thought_length=thought_length, activation_bytes=4, checkpointing=True, attention="torch")
+        step = StepShape(1, length, thought_length=thought_length, activation_bytes=4, checkpointing=True, attention=attention)
         measured, floor = measure(base, step)["step"], measure_floor(base, step)
         rows.append(dict(base=base.name, length=length, thought_length=thought_length, step_mib=measured / 2**20,
                          floor_mib=floor / 2**20, ratio=measured / floor))
@@ -269,10 +275,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["validate", "table", "floor"])
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--attention", choices=["torch", "cpu"], default="torch",
+                        help="floor: the thought attention of the measured step (the reference, or the CPU kernel path)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = {"validate": validate, "table": fit_table, "floor": compare_floor}[args.what]()
+    if args.what == "floor":
+        rows = compare_floor(args.attention)
+    else:
+        rows = {"validate": validate, "table": fit_table}[args.what]()
     print(json.dumps({"benchmark": f"memory_model_{args.what}", "rows": rows}))
 
 

@@ -25,10 +25,12 @@ def test_live_tensor_bytes_follow_storage_lifetimes():
     assert tracker.peak == 7000 and tracker.largest == 4000 and tracker.live == 0
 
 
+@pytest.mark.parametrize("attention", ["torch", "cpu"])
 @pytest.mark.parametrize("thought_length", [4, 12])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_predicted_step_memory_within_25_percent_and_no_tensor_above_4x_the_logits(thought_length, checkpointing):
-    step = mm.StepShape(2, 24, thought_length=thought_length, activation_bytes=4, checkpointing=checkpointing, attention="torch")
+def test_predicted_step_memory_within_25_percent_and_no_tensor_above_4x_the_logits(thought_length, checkpointing, attention):
+    step = mm.StepShape(2, 24, thought_length=thought_length, activation_bytes=4, checkpointing=checkpointing,
+                        attention=attention)
     measured, predicted = mm.measure(TINY, step), mm.predict(TINY, step)
     assert 0.75 <= predicted["step"] / measured["step"] <= 1.25, (predicted, measured)
     assert measured["largest"] <= 4 * measured["text_logits"]
