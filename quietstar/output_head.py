@@ -141,7 +141,9 @@ class _LinearLogProbSum(torch.autograd.Function):
             grad_logits = grad_logits.to(compute_dtype)
             if needs_hidden:
                 grad_hidden[rows] = (grad_logits @ compute_weight).to(hidden.dtype)
-            if needs_weight:
+            if needs_weight and compute_dtype == torch.float32:  # in place: no V x H temporary per chunk
+                grad_weight.addmm_(grad_logits.T, hidden[rows].float())
+            elif needs_weight:
                 grad_weight += (grad_logits.T @ hidden[rows].to(compute_dtype)).float()
         ctx.grads = (
             grad_hidden,
@@ -158,8 +160,8 @@ class _LinearLogProbSum(torch.autograd.Function):
                 "backward through a weighted log-prob sum ran twice: its gradient is formed once, in forward, and freed "
                 "by the first backward. Compute the loss again instead of retain_graph=True."
             )
-        grads = tuple(None if grad is None else grad * grad_sum.to(grad.dtype) for grad in ctx.grads)
-        ctx.grads = None  # free the buffers now, not when the graph goes
+        grads = tuple(None if grad is None else grad.mul_(grad_sum.to(grad.dtype)) for grad in ctx.grads)  # ours
+        ctx.grads = None  # hand the buffers over now, not when the graph goes
         return *grads, None, None, None, None, None, None
 
 
