@@ -134,11 +134,9 @@ def quietstar_loss(
     nll_mixed, mixed_values = mixed.weighted_sum(-mean_weights / mixed.shape[-1])
 
     nll_thought, thought_values = None, None
-    if thought is not None:
-        coefficients = -mean_weights / thought.shape[-1]
-        nll_thought, thought_values = thought.weighted_sum(coefficients if thought_nll_weight > 0 else None)
-        if nll_thought is None:
-            nll_thought = (coefficients * thought_values).sum()
+    if thought is not None:  # its gradient only when its term is in the loss
+        with torch.set_grad_enabled(torch.is_grad_enabled() and thought_nll_weight > 0):
+            nll_thought, thought_values = thought.weighted_sum(-mean_weights / thought.shape[-1])
     rewarded = thought_values if policy_reward == "thought" else mixed_values
     reward = (rewarded - base_log_probs.detach().unsqueeze(1)).sum(dim=-1)  # (B, N, L), a constant
     advantage = reward - reward.mean(dim=1, keepdim=True)  # baseline: the mean over the N thoughts of the position

@@ -203,7 +203,7 @@ def token_log_probs(
 @dataclass
 class TensorLogProbs:
     """Per-token log-probabilities that exist as a tensor (with its autograd graph), in the interface of
-    `HeadLogProbs`: `weighted_sum(c)` = (sum(c * log_probs), log_probs without gradient)."""
+    `HeadLogProbs`: `weighted_sum(c)` = (sum(c * log_probs), log_probs without gradient), c broadcastable."""
 
     log_probs: Tensor
 
@@ -211,17 +211,17 @@ class TensorLogProbs:
     def shape(self) -> torch.Size:
         return self.log_probs.shape
 
-    def weighted_sum(self, coefficients: Tensor | None) -> tuple[Tensor | None, Tensor]:
-        total = None if coefficients is None else _weighted_sum(coefficients, self.log_probs)
-        return total, self.log_probs.detach()
+    def weighted_sum(self, coefficients: Tensor) -> tuple[Tensor, Tensor]:
+        return _weighted_sum(coefficients, self.log_probs), self.log_probs.detach()
 
 
 @dataclass
 class HeadLogProbs:
     """log softmax(head(hidden) / temperature)[targets] without `banned_ids`, for a linear head, taken by the objective
-    only as a weighted sum: `weighted_sum(c)` -> (sum(c * log_probs) with gradient, or None when c is None; the
-    log_probs (...) without gradient). With gradients recorded it runs `_LinearLogProbSum` (the gradient formed in
-    forward, each chunk's logits formed once); without, plain chunks. hidden (..., H), targets (...)."""
+    only as a weighted sum: `weighted_sum(c)` -> (sum(c * log_probs) with gradient, the log_probs (...) without),
+    c broadcastable to the targets' shape; entries with c = 0 are left out of the sum. With gradients recorded it
+    runs `_LinearLogProbSum` (the gradient formed in forward, each chunk's logits formed once); without, plain
+    chunks. hidden (..., H), targets (...)."""
 
     head: OutputHead
     hidden: Tensor
@@ -239,16 +239,16 @@ class HeadLogProbs:
     # generated code (N * (T + A) chunks and more per step at real sizes); on the tiny test llama that was 13 of 70
     # kernels and 217 s -> 180 s of inductor compile time on 2 CPU cores, for one matmul and a logsumexp per chunk.
     @torch.compiler.disable
-    def weighted_sum(self, coefficients: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    def weighted_sum(self, coefficients: Tensor) -> tuple[Tensor, Tensor]:
         head, hidden = self.head, self.hidden.reshape(-1, self.hidden.shape[-1])
         differentiable = [t for t in (hidden, head.weight, head.bias) if t is not None]
-        if coefficients is None or not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)):
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)):
             with torch.no_grad():
                 log_probs = token_log_probs(
                     head, hidden, self.targets.reshape(-1), temperature=self.temperature,
                     banned_ids=self.banned_ids, chunk_rows=self.chunk_rows,
                 ).reshape(self.shape)
-            return (None if coefficients is None else _weighted_sum(coefficients, log_probs)), log_probs
+            return _weighted_sum(coefficients, log_probs), log_probs
         total, log_probs = _LinearLogProbSum.apply(
             hidden, head.weight, head.bias, self.targets.reshape(-1), coefficients.expand(self.shape).reshape(-1),
             head.scale, self.temperature, tuple(self.banned_ids), self.chunk_rows,
