@@ -60,14 +60,13 @@ def thought_attention_cpu(
 class _ThoughtAttentionCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_base, v_base, k_own, v_own, scale, step_offset):
-        batch, n_thoughts, n_heads, n_positions, n_steps, head_dim = q.shape
-        groups = n_heads // k_base.shape[1]
-        layout = _Layout(n_thoughts, groups, n_positions, n_steps, step_offset, q.dtype)
+        _, n_thoughts, n_heads, n_positions, n_steps, _ = q.shape
+        layout = _Layout(n_thoughts, n_heads // k_base.shape[1], n_positions, n_steps, step_offset, q.dtype)
         acc = layout.acc
         k_base, v_base, k_own, v_own = (t.contiguous() for t in (k_base, v_base, k_own, v_own))
         q_rows = layout.rows(q)
         out_text, lse_text = _FLASH(q_rows, k_base, v_base, attn_mask=layout.text_mask(q), scale=scale)
-        scores_own = layout.own_scores(q_rows, k_own, scale)  # (B, N, Hkv, L, G*Sq, Sk) float32
+        scores_own = layout.own_scores(q_rows, k_own, scale)  # (B, N, Hkv, L, G*Sq, Sk), in acc
         lse_own = scores_own.logsumexp(dim=-1)
         probs_own = (scores_own - lse_own.unsqueeze(-1)).exp()
         out_own = layout.from_own((probs_own.to(v_own.dtype) @ v_own).to(acc))
