@@ -51,6 +51,15 @@ def make_model(arch: str = "llama", seed: int = 0, **fields) -> tuple[quietstar.
     return model.eval(), tokenizer
 
 
+def clean_environment(hf_home) -> dict[str, str]:
+    """The environment of a subprocess on a machine without quietstar's settings: offline, its own HF_HOME. Keeps
+    USE_HUB_KERNELS when set (transformers >= 5.25 kernelizes in from_pretrained unless it says NO; README, Tests)."""
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    if "USE_HUB_KERNELS" in os.environ:
+        env["USE_HUB_KERNELS"] = os.environ["USE_HUB_KERNELS"]
+    return env
+
+
 def random_text(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     """Ids of ordinary words (never a marker)."""
     generator = torch.Generator().manual_seed(seed)

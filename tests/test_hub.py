@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 import quietstar
-from conftest import make_model, random_text
+from conftest import clean_environment, make_model, random_text
 from quietstar.attention import thought_attention
 from quietstar.attention_backend import thought_attention_kernel
 from quietstar.checkpoints import CheckpointError, load_checkpoint
@@ -113,7 +113,7 @@ def test_push_uploads_the_expected_files_and_loads_without_quietstar(tmp_path, m
         torch.testing.assert_close(local(input_ids).logits, expected_logits, rtol=0, atol=0)
 
     folders = [str(hub.root / "me/quietstar-tiny"), str(hub.root / "me/plain-push")]
-    env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = clean_environment(tmp_path / "hf_home")
     args = [sys.executable, "-c", REMOTE_LOAD, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"), *folders]
     neutral = tmp_path / "cwd"
     neutral.mkdir()

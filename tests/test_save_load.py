@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file, save_file
 
 import quietstar
-from conftest import make_model, random_text
+from conftest import clean_environment, make_model, random_text
 from quietstar.checkpoints import CheckpointError, load_checkpoint
 
 
@@ -97,7 +97,7 @@ def test_trust_remote_code_loads_the_saved_code_without_the_package(tmp_path):
     torch.manual_seed(0)
     with torch.no_grad():
         expected = model(input_ids).logits
-    env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = clean_environment(tmp_path / "hf_home")
     args = [sys.executable, "-c", REMOTE_LOAD, str(tmp_path / "model"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")]
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
