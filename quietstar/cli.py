@@ -1,7 +1,7 @@
 """The `quietstar` console command. Each subcommand lives beside the code it drives and registers itself here.
 
     quietstar convert [GGUF_FILE] [--output-dir DIR]   GGUF -> safetensors (default: the embedded SmolLM2-135M)
-    quietstar train [CONFIG] [--key value ...]         train from a YAML config (quietstar/train.py)
+    quietstar train [CONFIG] [--key value ...]         train from a YAML config or a recipe (quietstar/train.py)
     quietstar eval MODEL [...]                         likelihood gain and zero-shot QA reports (quietstar/evaluation.py)
     quietstar push MODEL REPO_ID [...]                 upload with the model card (quietstar/hub.py)
 """
@@ -47,14 +47,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user can get wrong (a config, a path, a value): printed as argparse prints its errors, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A user error (`USER_ERRORS`) prints `quietstar <command>: error: <message>` and exits with 2,
+    as argparse does; `--debug` (anywhere) keeps the traceback. Other exceptions are faults: raised as they are."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [token for token in argv if token != "--debug"]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not hasattr(args, "extra_arguments"):  # only commands declaring free-form arguments take them
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.extra_arguments = extra
-    return args.run(args)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        message = str(error).strip("'\"") if isinstance(error, KeyError) else str(error)
+        print(f"quietstar {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

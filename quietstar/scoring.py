@@ -87,6 +87,61 @@ def next_token_log_probs(outputs, targets: Tensor, marker_ids: tuple[int, int]) 
     return base[:, :-1].gather(-1, targets).squeeze(-1), mixed[:, :-1].gather(-1, targets).squeeze(-1)
 
 
+@dataclass
+class PathScores:
+    """One predictor's scores of labelled next tokens: log_probs (B, L-1) log p(target) (0 where not valid), exact
+    (B, L-1) whether the target is the argmax, valid (B, L-1) whether position i has a target (label != -100)."""
+
+    log_probs: Tensor
+    exact: Tensor
+    valid: Tensor
+
+    def row_nll(self) -> Tensor:
+        """(B,) summed NLL of each row's labelled tokens."""
+        return -(self.log_probs * self.valid).sum(dim=1)
+
+    def row_exact(self) -> Tensor:
+        """(B,) 1.0 where every labelled token of the row is the argmax (and the row has one), else 0.0."""
+        return ((self.exact | ~self.valid).all(dim=1) & self.valid.any(dim=1)).float()
+
+
+@dataclass
+class LabelScores:
+    """The labelled tokens of a batch under one forward: `mixed` is the model's own prediction (the mixed one for a
+    Quiet-STaR model, the logits of a plain causal LM); `base` the Quiet-STaR model's base path (None for a plain
+    LM); mixing_weight (B, L-1) w averaged over the thoughts (None for a plain LM)."""
+
+    mixed: PathScores
+    base: PathScores | None
+    mixing_weight: Tensor | None
+
+    @property
+    def valid(self) -> Tensor:
+        return self.mixed.valid
+
+
+def label_scores(outputs, labels: Tensor, marker_ids: tuple[int, int] | None) -> LabelScores:
+    """Score the labelled next tokens (`labels` (B, L), -100 = not scored; target of position i is labels[:, i+1],
+    as in a causal LM's loss) from one forward's output. `marker_ids`: the Quiet-STaR model's, or None for a plain
+    causal LM."""
+    targets = labels[:, 1:]
+    valid = targets != -100
+    index = targets.clamp(min=0).unsqueeze(-1)
+
+    def path(log_probs: Tensor) -> PathScores:  # (B, L-1, V) -> scores of the targets
+        return PathScores(
+            log_probs=log_probs.gather(-1, index).squeeze(-1).masked_fill(~valid, 0.0),
+            exact=log_probs.argmax(-1) == targets,
+            valid=valid,
+        )
+
+    if marker_ids is None:
+        return LabelScores(mixed=path(outputs.logits[:, :-1].float().log_softmax(-1)), base=None, mixing_weight=None)
+    base, mixed = next_token_distributions(outputs, marker_ids)
+    weights = outputs.mixing_weights[:, :, :-1].float().mean(dim=1)
+    return LabelScores(mixed=path(mixed[:, :-1]), base=path(base[:, :-1]), mixing_weight=weights)
+
+
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Token id lists -> input_ids (B, Lmax) right-padded with `pad_id`, attention_mask (B, Lmax)."""
     length = max(len(s) for s in sequences)
@@ -98,4 +153,4 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return input_ids, attention_mask
 
 
-__all__ = ["TokenLogProbs", "thought_sampling", "token_log_probs", "next_token_log_probs", "next_token_distributions", "right_pad"]
+__all__ = ["TokenLogProbs", "PathScores", "LabelScores", "label_scores", "thought_sampling", "token_log_probs", "next_token_log_probs", "next_token_distributions", "right_pad"]

@@ -1,11 +1,20 @@
-"""Training configs: YAML files with four sections (and an optional fifth), validated before anything heavy is loaded.
+"""Training configs: YAML files validated before anything heavy is loaded.
 
     base: null                # null = SmolLM2-135M-Instruct (embedded); else a local HF model directory or a .gguf file
     quietstar: {...}          # QuietStarConfig fields (thought_length, n_thoughts, lookahead, policy_weight, ...)
     data: {...}               # DataConfig fields (path, template, window, packing, eval_windows, ...)
-    training: {...}           # transformers.TrainingArguments fields (max_steps, learning_rate, save_steps, bf16, ...)
+    training: {...}           # QuietStarTrainingArguments fields: transformers.TrainingArguments (max_steps,
+                              # learning_rate, save_steps, bf16, ...) + head_learning_rate, marker_learning_rate, ...
     lora: {...}               # optional: train LoRA with PEFT; `quietstar.lora.lora_config` arguments (r, lora_alpha,
                               # target_modules, any other LoraConfig field). Absent or null: full fine-tuning.
+    task: {name: ..., ...}    # optional: a recipe's task (quietstar/tasks): its data, held-out items and metric
+                              # replace the `data` section
+    stages: [...]             # optional: a recipe's stages, run in order through the same path, each
+                              # {name, data (the task's text variant), thinking (false: a plain causal-LM fine-tune),
+                              #  stop_at ({metric: value}: end at the first evaluation that reaches it),
+                              #  quietstar: {...}, training: {...} (over the top-level sections)}
+    controls: true            # after the last (thinking) stage: the same stage with thinking off, for the same steps
+                              # (OUT/control) and for the same FLOPs (OUT/control-flops), and the report comparing them
 
 Command-line overrides use dotted keys: `--training.max_steps 5 --quietstar.thought_length 8 --base path/to/model`;
 values are read as YAML (`1e-6`, `true`, `null`, `[a, b]`). An unknown key or a value of the wrong type is an error
@@ -23,14 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import TrainingArguments
 
 from .configuration_quietstar import QuietStarConfig
 from .data import DataConfig
+from .trainer import QuietStarTrainingArguments
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "default"
-SECTIONS = ("base", "quietstar", "data", "training", "lora")
+SECTIONS = ("base", "quietstar", "data", "training", "lora", "task", "stages", "controls")
+STAGE_KEYS = ("name", "data", "thinking", "stop_at", "quietstar", "training")
 # QuietStarConfig fields a training config may set; the rest come from the base model or from_base.
 QUIETSTAR_KEYS = tuple(
     f.name
@@ -41,20 +51,38 @@ QUIETSTAR_KEYS = tuple(
 
 
 @dataclass
+class Stage:
+    """One run of the training path. `data`: the task's text variant; `thinking` False = a plain causal-LM fine-tune
+    of the stage's input model; `quietstar` / `training` are laid over the config's top-level sections."""
+
+    name: str = "thinking"
+    data: str | None = None
+    thinking: bool = True
+    stop_at: dict[str, float] | None = None
+    quietstar: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     """A validated training config. `quietstar`, `training` and `lora` are keyword arguments for
-    `QuietStarForCausalLM.from_base`, `TrainingArguments` and `quietstar.lora.lora_config` (None: no LoRA)."""
+    `QuietStarForCausalLM.from_base`, `QuietStarTrainingArguments` and `quietstar.lora.lora_config` (None: no LoRA).
+    `stages`: empty = one thinking stage with the top-level sections."""
 
     base: str | None = None
     quietstar: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     training: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] | None = None
+    task: dict[str, Any] | None = None
+    stages: list[Stage] = field(default_factory=list)
+    controls: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "base": self.base, "quietstar": self.quietstar, "data": dataclasses.asdict(self.data),
-            "training": self.training, "lora": self.lora,
+            "training": self.training, "lora": self.lora, "task": self.task,
+            "stages": [dataclasses.asdict(stage) for stage in self.stages], "controls": self.controls,
         }
 
 
@@ -99,6 +127,8 @@ def load_train_config(name: str | Path | None = None, overrides: dict[str, Any] 
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a training config is a mapping with sections {SECTIONS}, got {type(raw).__name__}.")
     for key, value in (overrides or {}).items():
+        if key == "data" and isinstance(value, str):  # `--data FILE`, the form users type first
+            key = "task.data" if raw.get("task") else "data.path"
         _set_dotted(raw, key, value)
     return validate_train_config(raw, source=str(path))
 
@@ -128,8 +158,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     if not name:
         raw[section] = value
         return
-    if section == "base":
-        raise ValueError(f"override --{key}: `base` is a single value (--base PATH).")
+    if section in ("base", "controls", "stages"):
+        raise ValueError(f"override --{key}: `{section}` is a single value (--{section} VALUE).")
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise ValueError(f"override --{key}: section {section!r} is not a mapping in the config.")
@@ -144,35 +174,75 @@ def validate_train_config(raw: dict[str, Any], source: str = "config") -> TrainC
     base = raw.get("base")
     if base is not None and not isinstance(base, str):
         raise ValueError(f"{source}: `base` must be null (the default model) or a path, got {base!r}.")
-    sections = {name: raw.get(name) or {} for name in ("quietstar", "data", "training", "lora")}
+    sections = {name: raw.get(name) or {} for name in ("quietstar", "data", "training", "lora", "task")}
     for name, section in sections.items():
         if not isinstance(section, dict):
             raise ValueError(f"{source}: section `{name}` must be a mapping of keys to values, got {section!r}.")
 
-    for key, value in sections["quietstar"].items():
-        if key not in QUIETSTAR_KEYS:
-            raise ValueError(f"{source}: unknown key quietstar.{key}; valid keys: {list(QUIETSTAR_KEYS)}.")
-        try:
-            QuietStarConfig(**{key: value})  # the config's own (strict) validation, one field at a time
-        except Exception as error:
-            raise ValueError(f"{source}: bad value for quietstar.{key} = {value!r}: {error}") from None
-
+    _check_quietstar(source, "quietstar", sections["quietstar"])
     data_fields = {f.name: f.type for f in dataclasses.fields(DataConfig)}
     for key, value in sections["data"].items():
         _check_key(source, "data", key, value, data_fields)
-    training_fields = {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
-    for key, value in sections["training"].items():
-        _check_key(source, "training", key, value, training_fields)
+    _check_training(source, "training", sections["training"])
     lora = None if raw.get("lora") is None else dict(sections["lora"])  # `lora: {}` = LoRA with the defaults
     if lora is not None:
         _check_lora(source, lora)
+    task = None
+    if raw.get("task") is not None:
+        from .tasks import load_task
+
+        task = dict(sections["task"])
+        try:
+            load_task(task)
+        except (ValueError, FileNotFoundError) as error:
+            raise ValueError(f"{source}: {error}") from None
+    stages = [_check_stage(source, index, stage) for index, stage in enumerate(raw.get("stages") or [])]
+    controls = raw.get("controls", False)
+    if not isinstance(controls, bool):
+        raise ValueError(f"{source}: `controls` must be true or false, got {controls!r}.")
+    if controls and stages and not stages[-1].thinking:
+        raise ValueError(f"{source}: `controls: true` compares the last stage with thinking off; it must be a thinking stage.")
     return TrainConfig(
-        base=base,
-        quietstar=dict(sections["quietstar"]),
-        data=DataConfig(**sections["data"]),
-        training=dict(sections["training"]),
-        lora=lora,
+        base=base, quietstar=dict(sections["quietstar"]), data=DataConfig(**sections["data"]),
+        training=dict(sections["training"]), lora=lora, task=task, stages=stages, controls=controls,
     )
+
+
+def _check_quietstar(source: str, section: str, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if key not in QUIETSTAR_KEYS:
+            raise ValueError(f"{source}: unknown key {section}.{key}; valid keys: {list(QUIETSTAR_KEYS)}.")
+        try:
+            QuietStarConfig(**{key: value})  # the config's own (strict) validation, one field at a time
+        except Exception as error:
+            raise ValueError(f"{source}: bad value for {section}.{key} = {value!r}: {error}") from None
+
+
+def _check_training(source: str, section: str, values: dict[str, Any]) -> None:
+    fields = {f.name: f.type for f in dataclasses.fields(QuietStarTrainingArguments) if f.init}
+    for key, value in values.items():
+        _check_key(source, section, key, value, fields)
+
+
+def _check_stage(source: str, index: int, raw: Any) -> Stage:
+    where = f"stages[{index}]"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: {where} must be a mapping with keys {STAGE_KEYS}, got {raw!r}.")
+    unknown = sorted(set(raw) - set(STAGE_KEYS))
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown} in {where}; a stage has the keys {STAGE_KEYS}.")
+    stage = Stage(**{key: value for key, value in raw.items() if value is not None})
+    if not isinstance(stage.name, str) or not re.fullmatch(r"[\w.-]+", stage.name):
+        raise ValueError(f"{source}: {where}.name must be a directory-safe name (letters, digits, _ . -), got {stage.name!r}.")
+    if not isinstance(stage.thinking, bool):
+        raise ValueError(f"{source}: {where}.thinking must be true or false, got {stage.thinking!r}.")
+    if stage.stop_at is not None and not (
+        isinstance(stage.stop_at, dict) and all(isinstance(v, (int, float)) for v in stage.stop_at.values())
+    ):
+        raise ValueError(f"{source}: {where}.stop_at must map a metric to a number, e.g. {{accuracy: 0.98}}.")
+    _check_quietstar(source, f"{where}.quietstar", stage.quietstar)
+    _check_training(source, f"{where}.training", stage.training)
+    return stage
 
 
 def _check_lora(source: str, section: dict[str, Any]) -> None:
@@ -226,4 +296,4 @@ def _matches(value: Any, annotation: Any) -> bool:
     return True
 
 
-__all__ = ["TrainConfig", "load_train_config", "parse_overrides", "resolve_config_path", "validate_train_config", "CONFIG_DIR"]
+__all__ = ["TrainConfig", "Stage", "load_train_config", "parse_overrides", "resolve_config_path", "validate_train_config", "CONFIG_DIR"]

@@ -1,40 +1,110 @@
-"""`QuietStarTrainer`: transformers' `Trainer`, plus the Quiet-STaR loss parts in the logs and a held-out evaluation
-of the next-token NLL without thoughts (base) and with them (mixed).
+"""`QuietStarTrainer`: transformers' `Trainer`, plus the Quiet-STaR loss parts in the logs, learning rates of their own
+for the mixing head and the thought markers, and a held-out evaluation of the labelled tokens without thoughts (base)
+and with them (mixed). The same trainer trains a plain causal LM (a recipe's plain stages and its no-thought controls):
+its evaluation then reports that model's own NLL and exact match.
 
 Everything else (optimizer, schedule, gradient accumulation, bf16 autocast over fp32 master weights, gradient
-checkpointing, checkpoints and exact resume, DDP/FSDP through accelerate) is the stock Trainer's.
+checkpointing, checkpoints and exact resume, keep-best, DDP/FSDP through accelerate) is the stock Trainer's.
 """
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .scoring import next_token_log_probs
+from .scoring import label_scores
 
 # Logged at every logging step (means over the steps since the last log, averaged over processes).
 TRAIN_PARTS = ("nll_base", "nll_mixed", "policy_loss", "reward_mean", "mixing_weight")
 WEIGHT_BINS = 10  # histogram of the mixing weight w over [0, 1], logged at every evaluation
 HARD_TOKENS = 5  # evaluations also log the thoughts at the held-out tokens the base finds hardest (highest NLL)
+HEAD_MODULE, MARKER_MODULE = "mixing_head.", "thought_markers."  # parameter-name parts (also under a PEFT wrapper)
+
+
+@dataclass
+class QuietStarTrainingArguments(TrainingArguments):
+    """`TrainingArguments` (the `training:` section of a config) plus the Quiet-STaR parameter groups.
+    `learning_rate` trains the base model; the mixing head and the thought markers may have their own rates."""
+
+    head_learning_rate: float | None = field(
+        default=None, metadata={"help": "learning rate of the mixing head (None = learning_rate; 0 = frozen)"}
+    )
+    marker_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "learning rate of the stored marker embeddings (None = learning_rate). They are stored divided by "
+            "quietstar.thought_embedding_scale and multiplied back on use, so the embeddings move at this rate "
+            "times the scale (paper: 100)."
+        },
+    )
+    head_frozen_steps: int = field(
+        default=0, metadata={"help": "the mixing head is not trained (its gradients dropped before clipping) for this many steps"}
+    )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={"help": "torch intra-op threads while this run trains (None = torch's default); a model of a few "
+                  "hundred thousand parameters trains ~3x faster on 1 thread than on 2 (thread overhead)"},
+    )
 
 
 class QuietStarTrainer(Trainer):
-    """A `Trainer` for `QuietStarForCausalLM`. `evaluate()` returns `{prefix}_nll_base` and `{prefix}_nll_mixed`, the
-    mean NLL of every next token of the eval set without and with thinking, `{prefix}_nll_gain` (base - mixed: > 0
-    when thinking helps) and the mean mixing weight, with thoughts written by the inference policy (greedy by
-    default; sampled ones under a fixed seed, `args.seed`), so two evaluations of the same weights agree exactly.
-    The log of each evaluation (metrics.jsonl) also has `{prefix}_mixing_weight_histogram` (counts of w in
-    `WEIGHT_BINS` equal bins of [0, 1]) and `{prefix}_hard_tokens`: at the `HARD_TOKENS` tokens with the highest base
-    NLL, the text before, the token, the decoded thought and both NLLs."""
+    """A `Trainer` for `QuietStarForCausalLM` (and for the plain causal LMs of a recipe's plain stages and controls).
+
+    `evaluate()` scores every labelled next token of the eval set: `{prefix}_nll` and `{prefix}_accuracy` (share of
+    examples whose labelled tokens are all the argmax) of the model's own prediction, the one `generate()` uses. For a
+    Quiet-STaR model that is the mixed prediction, with thoughts written by the inference policy (greedy by default;
+    sampled ones under a fixed seed, `args.seed`, so two evaluations of the same weights agree exactly), and it also
+    returns the base path's `{prefix}_nll_base` / `{prefix}_accuracy_base`, `{prefix}_nll_mixed` (= `_nll`),
+    `{prefix}_nll_gain` (base - mixed: > 0 when thinking helps) and the mean mixing weight. The log of each evaluation
+    (metrics.jsonl) also has `{prefix}_mixing_weight_histogram` (counts of w in `WEIGHT_BINS` equal bins of [0, 1])
+    and `{prefix}_hard_tokens`: at the `HARD_TOKENS` tokens with the highest base NLL, the text before, the token,
+    the decoded thought and both NLLs. Keep-best is the stock `load_best_model_at_end` with `metric_for_best_model`
+    one of these (e.g. "accuracy")."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._parts: list[torch.Tensor] = []  # one (len(TRAIN_PARTS),) row per micro-batch since the last log
 
+    # ---- parameter groups ------------------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The stock optimizer (its weight-decay groups), each group split into base, head and marker parameters,
+        the latter two at `head_learning_rate` / `marker_learning_rate` when set."""
+        optimizer = super().create_optimizer(model)
+        rates = {HEAD_MODULE: getattr(self.args, "head_learning_rate", None), MARKER_MODULE: getattr(self.args, "marker_learning_rate", None)}
+        if all(rate is None for rate in rates.values()):
+            return optimizer
+        kind = {id(p): next((part for part in rates if part in name), None) for name, p in (model or self.model).named_parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            for part in (None, *rates):
+                params = [p for p in group["params"] if kind.get(id(p)) == part]
+                rate = group["lr"] if part is None or rates[part] is None else rates[part]
+                if params:
+                    groups.append({**group, "params": params, "lr": rate})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._head_frozen():  # None, not zero: clipping and the optimizer then leave the head out entirely
+            for name, parameter in model.named_parameters():
+                if HEAD_MODULE in name:
+                    parameter.grad = None
+        return loss
+
+    def _head_frozen(self) -> bool:
+        return self.state.global_step < getattr(self.args, "head_frozen_steps", 0) or getattr(self.args, "head_learning_rate", None) == 0
+
+    # ---- logging ---------------------------------------------------------------------------------------------------
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training:
+        if model.training and getattr(outputs, "mixing_weights", None) is not None:
             self._parts.append(_loss_parts(outputs, inputs.get("attention_mask")))
         return (loss, outputs) if return_outputs else loss
 
@@ -45,14 +115,18 @@ class QuietStarTrainer(Trainer):
             self._parts.clear()
         super().log(logs, start_time)
 
+    # ---- evaluation ------------------------------------------------------------------------------------------------
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Token-level NLL of each next token without thinking (`base_logits`) and with it (`logits`: the mixed
-        prediction, as used by `generate()`), over the same tokens; logged and returned."""
+        """Per-token NLL and per-example exact match of the labelled tokens, without thinking (`base_logits`) and with
+        it (`logits`: the mixed prediction, as used by `generate()`), over the same tokens; logged and returned."""
         dataloader = self.get_eval_dataloader(eval_dataset)
         model = self.model_wrapped if self.is_fsdp_enabled else self.model  # FSDP needs its wrapper to gather weights
+        thinking = hasattr(self.model, "marker_ids")
         was_training = model.training
         model.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.args.device)  # NLL sums base, mixed; weight sum; tokens
+        # sums: NLL mixed, NLL base, exact mixed, exact base, weight; token and example counts
+        totals = torch.zeros(7, dtype=torch.float64, device=self.args.device)
         histogram = torch.zeros(WEIGHT_BINS, dtype=torch.float64, device=self.args.device)
         hard: list[tuple[float, dict]] = []  # (base NLL, record) of the hardest tokens seen so far
         devices = [self.args.device] if self.args.device.type == "cuda" else []
@@ -63,27 +137,34 @@ class QuietStarTrainer(Trainer):
                 labels = batch.pop("labels")
                 with self.autocast_smart_context_manager():
                     outputs = model(**batch)  # no labels: only the next token is predicted, no loss terms
-                valid = labels[:, 1:] != -100
-                token_base, token_mixed = next_token_log_probs(outputs, labels[:, 1:].clamp(min=0), self.model.marker_ids)
-                weights = outputs.mixing_weights[:, :, :-1].float().mean(dim=1)  # (B, L-1)
-                base, mixed = -(token_base * valid).sum(), -(token_mixed * valid).sum()
-                totals += torch.stack([base, mixed, (weights * valid).sum(), valid.sum()]).to(totals)
-                histogram += torch.histc(weights[valid].double(), bins=WEIGHT_BINS, min=0, max=1)
-                hard = _hardest(hard, batch["input_ids"], outputs.thought_ids, -token_base, -token_mixed, valid, self.processing_class)
+                scores = label_scores(outputs, labels, self.model.marker_ids if thinking else None)
+                base = scores.base if scores.base is not None else scores.mixed
+                rows = torch.stack([scores.mixed.row_nll(), base.row_nll(), scores.mixed.row_exact(), base.row_exact()])
+                weight = (scores.mixing_weight * scores.valid).sum() if thinking else torch.zeros((), device=labels.device)
+                totals += torch.cat([rows.sum(dim=1), weight[None], scores.valid.sum()[None], torch.tensor([len(labels)], device=labels.device)]).to(totals)
+                if thinking:
+                    histogram += torch.histc(scores.mixing_weight[scores.valid].double(), bins=WEIGHT_BINS, min=0, max=1)
+                    hard = _hardest(hard, batch["input_ids"], outputs.thought_ids, -base.log_probs, -scores.mixed.log_probs, scores.valid, self.processing_class)
         model.train(was_training)
         totals = self.accelerator.reduce(totals, reduction="sum")
         histogram = self.accelerator.reduce(histogram, reduction="sum")
-        nll_base, nll_mixed, weight = (totals[:3] / totals[3].clamp(min=1)).tolist()
-        metrics = {
-            f"{metric_key_prefix}_nll_base": round(nll_base, 6),
-            f"{metric_key_prefix}_nll_mixed": round(nll_mixed, 6),
-            f"{metric_key_prefix}_nll_gain": round(nll_base - nll_mixed, 6),
-            f"{metric_key_prefix}_mixing_weight": round(weight, 6),
-        }
-        details = {  # logged (metrics.jsonl), not returned: the Trainer's metrics are numbers
-            f"{metric_key_prefix}_mixing_weight_histogram": [int(count) for count in histogram.tolist()],
-            f"{metric_key_prefix}_hard_tokens": [record for _, record in hard],  # this process's eval shard
-        }
+        tokens, examples = totals[5].clamp(min=1), totals[6].clamp(min=1)
+        nll_mixed, nll_base, weight = (totals[[0, 1, 4]] / tokens).tolist()
+        accuracy_mixed, accuracy_base = (totals[2:4] / examples).tolist()
+        metrics = {f"{metric_key_prefix}_nll": round(nll_mixed, 6), f"{metric_key_prefix}_accuracy": round(accuracy_mixed, 6)}
+        details = {}
+        if thinking:
+            metrics.update({
+                f"{metric_key_prefix}_nll_base": round(nll_base, 6),
+                f"{metric_key_prefix}_nll_mixed": round(nll_mixed, 6),
+                f"{metric_key_prefix}_nll_gain": round(nll_base - nll_mixed, 6),
+                f"{metric_key_prefix}_accuracy_base": round(accuracy_base, 6),
+                f"{metric_key_prefix}_mixing_weight": round(weight, 6),
+            })
+            details = {  # logged (metrics.jsonl), not returned: the Trainer's metrics are numbers
+                f"{metric_key_prefix}_mixing_weight_histogram": [int(count) for count in histogram.tolist()],
+                f"{metric_key_prefix}_hard_tokens": [record for _, record in hard],  # this process's eval shard
+            }
         self.log({**metrics, **details})
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -133,4 +214,17 @@ class JsonlMetricsCallback(TrainerCallback):
                 file.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-__all__ = ["QuietStarTrainer", "JsonlMetricsCallback", "TRAIN_PARTS"]
+class StopAtMetric(TrainerCallback):
+    """Ends training at the first evaluation whose `metric` (without its prefix, e.g. "accuracy") reaches `target`:
+    a recipe stage that trains "until the model can do X" (multihop: write held-out chains)."""
+
+    def __init__(self, metric: str, target: float):
+        self.metric, self.target = metric, target
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = next((v for k, v in (metrics or {}).items() if k.endswith(f"_{self.metric}")), None)
+        if value is not None and value >= self.target:
+            control.should_training_stop = True
+
+
+__all__ = ["QuietStarTrainer", "QuietStarTrainingArguments", "JsonlMetricsCallback", "StopAtMetric", "TRAIN_PARTS"]

@@ -1,19 +1,94 @@
-"""Tasks and recipes that measure whether thinking helps: a generated task (multihop), GSM8K solutions (gsm8k); no downloads."""
+"""Tasks: the data, held-out items and metric of a recipe. A recipe is a config (`configs/<name>.yaml`: its `task:`
+section names one of `TASKS` and sets its fields) trained by the one training path (quietstar/train.py).
 
-import json
-from collections.abc import Callable
-from pathlib import Path
+A task is a small dataclass with
+    metric                        "accuracy" (exact match of the labelled tokens) or "nll" (per token): the validation
+                                  rule that keeps the best checkpoint, and the report's headline;
+    examples(split, variant, n, tokenizer)
+                                  a sequence of {"input_ids", "labels"} examples of `split` ("train", "validation",
+                                  "test"; `n` = how many, None = the task's own held-out size) in the text `variant`
+                                  a stage names (multihop: "chain", "fillers", "direct");
+    tokenizer(), base_model(tokenizer)
+                                  optional: a task that brings its own from-scratch model (multihop), else None.
+Examples are prompt + completion texts, labelled on the completion (as TRL's prompt/completion datasets).
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
 
 
-def metrics_log(path: Path, hidden: tuple[str, ...] = ()) -> Callable[[dict], None]:
-    """A recipe's log: each record is appended to the (emptied) JSON-lines file `path` and printed, `hidden` keys
-    left out of the print."""
-    path.unlink(missing_ok=True)
+def encode_completion(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, unscored: tuple[int, ...] = (), max_length: int | None = None
+) -> dict[str, list[int]]:
+    """prompt + completion -> {"input_ids", "labels"}: labels are the ids of the completion's tokens (those that start
+    at or after the prompt's end, so a token merged across the boundary counts as completion), -100 elsewhere and on
+    `unscored` ids; cut to `max_length` tokens."""
+    encoding = tokenizer(prompt + completion, return_offsets_mapping=True, add_special_tokens=False)
+    ids, offsets = encoding["input_ids"][:max_length], encoding["offset_mapping"][:max_length]
+    labels = [i if start >= len(prompt) and i not in unscored else -100 for i, (start, _) in zip(ids, offsets)]
+    return {"input_ids": ids, "labels": labels}
 
-    def log(record: dict) -> None:
-        with path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        print({k: v for k, v in record.items() if k not in hidden}, flush=True)
 
-    return log
+@dataclass
+class LazyExamples(Sequence):
+    """`n` examples made on demand by `make(index)` (deterministic in the index): a stage of thousands of generated
+    problems costs nothing before its batches are drawn."""
 
+    n: int
+    make: Callable[[int], dict]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        if not -self.n <= index < self.n:
+            raise IndexError(index)
+        return self.make(index % self.n)
+
+
+class CompletionCollator:
+    """Right-pads {"input_ids", "labels"} examples (lists or tensors) into input_ids, attention_mask, labels (B, L)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(example["input_ids"]) for example in examples)
+        batch = {
+            "input_ids": torch.full((len(examples), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
+            "labels": torch.full((len(examples), length), -100, dtype=torch.long),
+        }
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            batch["input_ids"][row, :n] = torch.as_tensor(example["input_ids"])
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = torch.as_tensor(example["labels"])
+        return batch
+
+
+def task_classes() -> dict[str, type]:
+    from .gsm8k import Gsm8kTask
+    from .multihop import MultihopTask
+
+    return {"multihop": MultihopTask, "gsm8k": Gsm8kTask}
+
+
+def load_task(section: dict):
+    """The task of a config's `task:` section ({"name": ..., field: value, ...}); errors name the bad key."""
+    section = dict(section)
+    tasks = task_classes()
+    name = section.pop("name", None)
+    if name not in tasks:
+        raise ValueError(f"task.name must be one of {sorted(tasks)}, got {name!r}.")
+    try:
+        return tasks[name](**section)
+    except TypeError as error:
+        fields = sorted(tasks[name].__dataclass_fields__)
+        raise ValueError(f"task {name}: {error}; its fields are {fields}.") from None
+
+
+__all__ = ["encode_completion", "LazyExamples", "CompletionCollator", "load_task", "task_classes"]

@@ -11,11 +11,15 @@ quickly. In one step (`Q n7 : n4`) it needs three lookups inside a single forwar
 on chains does not do (0% in the issue's feasibility run). So thoughts can take the answer from chance to 100%.
 
 `problems(n, seed)` is deterministic (only `random.Random` draws); `tokenizer()` is a word-level tokenizer over the
-task's 31 symbols, built in memory (no download).
+task's 31 symbols, built in memory (no download). `MultihopTask` is the recipe's task (configs/multihop.yaml): its
+text variants "chain" (the written chain, every chain token scored), "fillers" (the same with "---" pauses inserted,
+never scored) and "direct" (the answer alone, scored), and its from-scratch 4-layer llama.
 """
 
 import random
 from dataclasses import dataclass
+
+from . import LazyExamples, encode_completion
 
 N_NODES = 24
 HOPS = 3
@@ -81,6 +85,63 @@ def problems(n: int, seed: int) -> list[tuple[str, str]]:
     return [(problem.prompt, problem.answer) for problem in generate(n, seed)]
 
 
+VARIANTS = ("chain", "fillers", "direct")
+FILLER = "---"
+# Held-out problems come from seeds no training stream uses (training streams are seeded by strings).
+VALIDATION_SEED, TEST_SEED = 1_000_003, 2_000_003
+
+
+@dataclass
+class MultihopTask:
+    """The multi-hop recipe's task. `seed`: the training problems' draw (held-out problems are fixed: validation
+    from seed 1_000_003 + seed, test from 2_000_003, never drawn for training); the model fields size the stage-1
+    llama, built from scratch with the training seed."""
+
+    seed: int = 0
+    validation_items: int = 256
+    test_items: int = 256
+    filler_rate: float = 0.3  # "fillers": chance of a "---" pause before each chain token
+    hidden_size: int = 64
+    layers: int = 4
+    heads: int = 4
+    metric = "accuracy"
+
+    def tokenizer(self):
+        return tokenizer()
+
+    def base_model(self, tokenizer):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=self.hidden_size, intermediate_size=4 * self.hidden_size,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.heads,
+            max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=None,
+            tie_word_embeddings=False,
+        )
+        return LlamaForCausalLM(config)
+
+    def examples(self, split: str, variant: str, n: int | None, tokenizer) -> LazyExamples:
+        if variant not in VARIANTS:
+            raise ValueError(f"multihop: stage data must be one of {VARIANTS}, got {variant!r}.")
+        seeds = {"train": f"multihop-{variant}-{self.seed}", "validation": VALIDATION_SEED + self.seed, "test": TEST_SEED}
+        n = n or (self.validation_items if split == "validation" else self.test_items)
+        filler = tokenizer.convert_tokens_to_ids(FILLER)
+
+        def make(index: int) -> dict:
+            rng = random.Random(f"{seeds[split]}-{index}")
+            problem = _problem(rng)
+            if variant == "direct":
+                completion = f" {problem.answer}"
+            else:
+                tokens = [*problem.chain, "|"]
+                if variant == "fillers":
+                    tokens = [t for token in tokens for t in ([FILLER, token] if rng.random() < self.filler_rate else [token])]
+                completion = " " + " ".join(tokens)
+            return encode_completion(tokenizer, problem.prompt, completion, unscored=(filler,))
+
+        return LazyExamples(n, make)
+
+
 def tokenizer():
     """A word-level `PreTrainedTokenizerFast` over the task's symbols (whitespace-separated), built in memory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -93,4 +154,4 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
 
 
-__all__ = ["Problem", "generate", "problems", "tokenizer", "N_NODES", "HOPS"]
+__all__ = ["Problem", "MultihopTask", "generate", "problems", "tokenizer", "N_NODES", "HOPS"]
