@@ -127,7 +127,11 @@ def run_controls(config, task, stage: Stage, output_dir: Path, source: Path | No
         raise ValueError("controls: true needs the thinking stage's training.max_steps (the controls match its steps).")
     n_train = _n_train(QuietStarTrainingArguments(**training))  # the thinking stage's examples, reused over epochs
     for name, max_steps in ((CONTROL, steps), (CONTROL_FLOPS, control_steps(steps, thinking_config))):
-        control = dataclasses.replace(stage, thinking=False, training={**stage.training, "max_steps": max_steps})
+        # about as many validations (keep-best candidates) per run: step-counted intervals scale by a whole factor,
+        # which keeps save_steps a multiple of eval_steps
+        factor = max_steps // steps
+        scaled = {key: training[key] * factor for key in ("eval_steps", "save_steps", "logging_steps") if training.get(key, 0) >= 1}
+        control = dataclasses.replace(stage, thinking=False, training={**stage.training, **scaled, "max_steps": max_steps})
         run_stage(config, task, control, output_dir / name, source, callbacks, n_train=n_train)
     if not _is_main_process():
         return None

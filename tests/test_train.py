@@ -15,7 +15,7 @@ from quietstar.cli import main
 from quietstar.data import WindowCollator
 from quietstar.train import train
 from quietstar.train_config import load_train_config, parse_overrides
-from quietstar.trainer import QuietStarTrainer
+from quietstar.trainer import QuietStarTrainer, QuietStarTrainingArguments
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,7 @@ def tiny_overrides(tiny_base, text_file, output_dir, **extra) -> dict:
         "training.logging_steps": 1,
         "training.save_steps": 2,
         "training.eval_steps": 100,
+        "controls": False,
     }
     return {**overrides, **extra}
 
@@ -176,12 +177,85 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_losses(tiny_b
     assert resumed == uninterrupted  # exactly: same data order, same thought samples, same updates
 
 
+def test_parameter_groups_frozen_head_and_clipping_only_what_trains(tmp_path):
+    """head / marker learning rates are their own optimizer groups; while the head is frozen its gradients are
+    dropped before clipping (the clipped norm is the body's alone) and the head does not move; then it trains."""
+    model, _ = make_model("llama", thought_length=2, n_thoughts=2, lookahead=2, policy_weight=1.0)
+    args = QuietStarTrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, learning_rate=1e-3, head_learning_rate=5e-3, marker_learning_rate=2e-4,
+        head_frozen_steps=2, max_grad_norm=1e9, lr_scheduler_type="constant", report_to="none", use_cpu=True,
+        logging_steps=1, save_strategy="no", per_device_train_batch_size=2,
+    )
+    norms = []
+
+    class RecordNorm(TrainerCallback):  # the norm of the gradients the optimizer gets (max_grad_norm 1e9: unscaled)
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norms.append((torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item(), any(
+                p.grad is not None for n, p in model.named_parameters() if "mixing_head." in n)))
+
+    trainer = QuietStarTrainer(
+        model=model, args=args, train_dataset=[{"input_ids": row} for row in random_text(6, 12)],
+        data_collator=WindowCollator(0), callbacks=[RecordNorm()],
+    )
+    trainer.create_optimizer()
+    rates = sorted({group["lr"] for group in trainer.optimizer.param_groups})
+    assert rates == [2e-4, 1e-3, 5e-3]
+    head_before = [p.detach().clone() for p in model.mixing_head.parameters()]
+    trainer.train()
+    assert [has_head for _, has_head in norms] == [False, False, True]  # frozen for 2 steps, then trained
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert logged == pytest.approx([norm for norm, _ in norms], rel=1e-4)  # the clipped norm: only what trains
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, model.mixing_head.parameters()))
+
+
+def test_controls_on_the_default_path_report_four_numbers(tiny_base, text_file, tmp_path, capsys):
+    """`controls: true`: the run, then the same stage with thinking off for the same steps and for the same FLOPs;
+    the controls are plain causal LMs, and the report scores all four predictors on the held-out windows."""
+    output_dir = tmp_path / "run"
+    overrides = tiny_overrides(tiny_base, text_file, output_dir, controls=True)
+    assert main(["train", *as_arguments(overrides)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((output_dir / "report.json").read_text())
+    assert report["steps"] == {"thinking": 4, "control": 4, "control-flops": 4 * 39 // 3}  # T 2, N 2, A 2: 39/3
+    assert report["items"] == 4 and report["gain"]["versus"] in ("control", "control-flops")
+    assert "| control-flops |" in printed and "gain of thinking over the better control" in printed
+    for name, steps in (("control", 4), ("control-flops", 52)):
+        control = AutoModelForCausalLM.from_pretrained(output_dir / name)
+        assert not isinstance(control, quietstar.QuietStarForCausalLM)
+        state = json.loads(sorted((output_dir / name).glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
+        assert state["global_step"] == steps
+    # the control's NLL in the report is the plain model's own on the held-out windows
+    plain = AutoModelForCausalLM.from_pretrained(output_dir / "control")
+    windows = [entry for entry in [json.loads(line) for line in (output_dir / "control" / "metrics.jsonl").read_text().splitlines()] if "after_nll" in entry]
+    assert report["models"]["control"]["nll"] == pytest.approx(windows[0]["after_nll"], abs=1e-5)
+    assert plain.config.vocab_size == AutoModelForCausalLM.from_pretrained(tiny_base).config.vocab_size
+
+
+def test_cli_prints_user_errors_like_argparse(tiny_base, text_file, tmp_path, capsys):
+    assert main(["train", "/nonexistent.yaml"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("quietstar train: error: config '/nonexistent.yaml': no such file") and "Traceback" not in error
+    assert main(["train", "--data.path", "/nonexistent.jsonl", "--base", str(tiny_base)]) == 2
+    assert "quietstar train: error: data.path: no file or directory at /nonexistent.jsonl" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):  # --debug: the traceback
+        main(["train", "/nonexistent.yaml", "--debug"])
+    # `--data FILE`, the form users type first, is --data.path FILE
+    assert load_train_config(None, parse_overrides(["--data", str(text_file)])).data.path == str(text_file)
+
+
 def test_bundled_configs_are_valid():
     default = load_train_config()
     assert default.base is None and default.data.path is None
     paper = load_train_config("paper_gpu")
     assert paper.quietstar["thought_length"] == 12 and paper.quietstar["lookahead"] == 4
     assert paper.training["learning_rate"] == 1e-6 and paper.data.window == 256
+    multihop = load_train_config("multihop")
+    assert [stage.name for stage in multihop.stages] == ["chains", "fillers", "thinking"] and multihop.controls
+    assert [stage.thinking for stage in multihop.stages] == [False, False, True]
+    gsm8k = load_train_config("gsm8k", {"data": "/some/dir"})
+    assert gsm8k.task == {"name": "gsm8k", "data": "/some/dir", "max_length": 128, "min_solution_tokens": 32,
+                          "validation_items": 16, "test_items": 100}
 
 
 @pytest.mark.parametrize(
@@ -211,8 +285,8 @@ def test_free_form_arguments_only_for_train(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--training.max_steps", "3"])
     assert "unrecognized arguments: --training.max_steps" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="override --training.max_steps has no value"):
-        main(["train", "--training.max_steps"])
+    assert main(["train", "--training.max_steps"]) == 2
+    assert "override --training.max_steps has no value" in capsys.readouterr().err
 
 
 def test_unknown_config_file_lists_the_bundled_ones(tmp_path):
