@@ -141,7 +141,10 @@ def read_text_config(source_dir: Path) -> MistralConfig:
     config_file = source_dir / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"no config.json in {source_dir}: pass a directory in the released format.")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{config_file}, line {error.lineno}: not valid JSON ({error.msg}); download it again.") from None
     if config.get("model_type") != "mistral":
         raise ConversionError(
             f"{config_file} describes a `{config.get('model_type')}` model; the released Quiet-STaR checkpoint is a "
