@@ -1,6 +1,7 @@
 """The `quietstar` console command. Each subcommand lives beside the code it drives and registers itself here.
 
     quietstar convert [GGUF_FILE] [--output-dir DIR]   GGUF -> safetensors (default: the embedded SmolLM2-135M)
+    quietstar convert-original SRC --output-dir DIR    the paper's released model -> quietstar (quietstar/convert_original.py)
     quietstar train [CONFIG] [--key value ...]         train from a YAML config or a recipe (quietstar/train.py)
     quietstar eval MODEL [...]                         likelihood gain and zero-shot QA reports (quietstar/evaluation.py)
     quietstar push MODEL REPO_ID [...]                 upload with the model card (quietstar/hub.py)
@@ -10,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .convert_original import add_convert_original_command
 from .evaluation import add_eval_command
 from .hub import add_push_command
 from .train import add_train_command
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quietstar", description="Quiet-STaR for Hugging Face causal LMs.")
     subcommands = parser.add_subparsers(dest="command", required=True)
     add_convert_command(subcommands)
+    add_convert_original_command(subcommands)
     add_eval_command(subcommands)
     add_push_command(subcommands)
     add_train_command(subcommands)

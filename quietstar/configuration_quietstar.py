@@ -9,7 +9,11 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from .attention_backend import BACKENDS
+from .mixing import MIXING_ACTIVATIONS
 from .objective import POLICY_REWARDS
+
+
+SIGMOID_OF_MINUS_4 = 0.01798620996209156  # the default starting w, exp(-4) / (1 + exp(-4))
 
 
 @strict
@@ -45,9 +49,16 @@ class QuietStarConfig(PreTrainedConfig):
             tokens, without the mixing). Its gradient reaches the thought's readout whatever the mixing weight w is;
             through the mixed NLL that gradient is scaled by w (0.018 at initialisation). Not in the paper (0); RLP
             (2025) rewards log p(x | thought) directly. Combine with labels of -100 outside the tokens that matter.
-        initial_mixing_logit (`float`, *optional*, defaults to -4.0):
-            The mixing head's output bias at initialisation: w starts at sigmoid(initial_mixing_logit) everywhere
-            (-4 -> 0.018: the model starts as the base model; 0 -> 0.5).
+        mixing_activation (`str`, *optional*, defaults to `"sigmoid"`):
+            How the mixing head's output becomes the weight w of the thought-conditioned prediction (mixing.py):
+            `"sigmoid"`: w in (0, 1); `"identity"`: w unbounded (may be negative or above 1), as in the reference code
+            and its released checkpoints (`quietstar convert-original`). Not clamped in training either: the mix is
+            in log space, so any finite w gives a normalised distribution.
+        initial_mixing_logit (`float`, *optional*):
+            The mixing head's output bias at initialisation, before the activation: w starts at
+            activation(initial_mixing_logit) everywhere. Defaults to -4 under sigmoid (w = 0.018: the model starts as
+            the base model; 0 -> 0.5) and to 0.018 under identity (the same starting w; not 0, where the thoughts
+            would get no gradient).
         policy_reward (`str`, *optional*, defaults to `"mixed"`):
             What rewards a thought: `"mixed"` (paper) = log p_mixed - log p_base of the A lookahead tokens, which
             vanishes as the mixing weight w goes to 0; `"thought"` = log p_thought - log p_base, the post-thought
@@ -101,7 +112,8 @@ class QuietStarConfig(PreTrainedConfig):
     base_loss_weight: float | int = 0.5
     mixed_loss_weight: float | int = 0.5
     thought_nll_weight: float | int = 0.0
-    initial_mixing_logit: float | int = -4.0
+    mixing_activation: str = "sigmoid"
+    initial_mixing_logit: float | int | None = None
     policy_reward: str = "mixed"
     clip_advantage: bool = True
     thought_embedding_scale: float | int = 100.0
@@ -119,6 +131,8 @@ class QuietStarConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.mixer_hidden_size is None:
             self.mixer_hidden_size = self.text_config.hidden_size
+        if self.initial_mixing_logit is None:  # the same starting w = sigmoid(-4) under either activation
+            self.initial_mixing_logit = -4.0 if self.mixing_activation != "identity" else SIGMOID_OF_MINUS_4
         # PEFT and the tying logic read the top-level flag; the base model's own value is the truth.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
@@ -135,6 +149,11 @@ class QuietStarConfig(PreTrainedConfig):
             raise ValueError(f"`thought_embedding_scale` must be > 0, got {self.thought_embedding_scale}.")
         if self.policy_reward not in POLICY_REWARDS:
             raise ValueError(f"`policy_reward` must be one of {POLICY_REWARDS}, got {self.policy_reward!r}.")
+        if self.mixing_activation not in MIXING_ACTIVATIONS:
+            raise ValueError(
+                f"`mixing_activation` must be one of {MIXING_ACTIVATIONS}, got {self.mixing_activation!r}: "
+                "'sigmoid' bounds w to (0, 1), 'identity' leaves it unbounded as the reference code does."
+            )
         if self.thought_attention_backend not in BACKENDS:
             raise ValueError(f"`thought_attention_backend` must be one of {BACKENDS}, got {self.thought_attention_backend!r}.")
 

@@ -4,7 +4,7 @@
     render_html(generations, "thoughts.html")    # text coloured by mixing weight, each token's thought on hover + table
     render_png(generations, "thoughts.png")      # the same picture as an image (needs matplotlib)
 
-The mixing weight w in (0, 1) is how much the prediction of a token trusted its thought (0 = the base model alone):
+The mixing weight w (in (0, 1) under the default sigmoid activation) is how much the prediction of a token trusted its thought (0 = the base model alone):
 the picture shows where the model thinks and how much it trusts what it thought.
 """
 

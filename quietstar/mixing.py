@@ -1,27 +1,41 @@
 """Mixing head: how much to trust the thought-conditioned prediction over the base one.
 
-    w = sigmoid(MLP([h_base ; h_thought]))                    in (0, 1)
+    w = activation(MLP([h_base ; h_thought]))
     logits_mixed = (1 - w) * logits_base + w * logits_thought
 
 so p_mixed is proportional to p_base^(1-w) * p_thought^w, the paper's log-space interpolation (Sec. 4.2, eq. "log p^talk";
-the paper's weight multiplies the base term, ours the thought term). Unlike the reference code w is bounded, and it
-starts near zero without being exactly zero: the model begins as the base model, yet the thought pathway and the
-rewards get gradient from the first step (with w = 0 they get none).
+the paper's weight multiplies the base term, ours the thought term).
+
+`config.mixing_activation` picks the activation:
+- "sigmoid" (default): w in (0, 1). Unlike the reference code w is bounded, and it starts near zero without being
+  exactly zero: the model begins as the base model, yet the thought pathway and the rewards get gradient from the first
+  step (with w = 0 they get none).
+- "identity": w is the head's raw output, unbounded, as in the reference code and its released checkpoints (which
+  were trained that way: a sigmoid would change their predictions). Nothing clamps it in training either: the mix is
+  in log space, so any finite w gives finite logits and a normalised distribution, and the loss stays finite; w > 1
+  extrapolates past the thought's prediction, w < 0 moves away from it. A clamp would also break the exactness of
+  converted checkpoints, whose w may leave [0, 1].
 """
 
 import torch
 from torch import Tensor, nn
 
+MIXING_ACTIVATIONS = ("sigmoid", "identity")
+
+
 class MixingLogit(nn.Linear):
     """The head's last layer; `QuietStarForCausalLM._init_weights` sets its weight to 0 and its bias to
-    `config.initial_mixing_logit` (default -4: w = sigmoid(-4) ~= 0.018), so w starts at one value everywhere."""
+    `config.initial_mixing_logit` (sigmoid: -4, w = sigmoid(-4) ~= 0.018; identity: 0.018), so w starts at one value
+    everywhere."""
 
 
 class MixingHead(nn.Module):
-    """3-layer ReLU MLP on the concatenated hidden states, as in the paper (Appendix A)."""
+    """3-layer ReLU MLP on the concatenated hidden states, as in the paper (Appendix A), then `activation`."""
 
-    def __init__(self, hidden_size: int, mixer_hidden_size: int):
+    def __init__(self, hidden_size: int, mixer_hidden_size: int, activation: str = "sigmoid"):
         super().__init__()
+        if activation not in MIXING_ACTIVATIONS:
+            raise ValueError(f"mixing activation must be one of {MIXING_ACTIVATIONS}, got {activation!r}.")
         self.mlp = nn.Sequential(
             nn.Linear(2 * hidden_size, mixer_hidden_size),
             nn.ReLU(),
@@ -29,11 +43,15 @@ class MixingHead(nn.Module):
             nn.ReLU(),
         )
         self.out = MixingLogit(mixer_hidden_size, 1)
+        self.activation = activation  # a plain attribute: `mixing_activation` lives in the config, not in the weights
 
     def forward(self, base_hidden: Tensor, thought_hidden: Tensor) -> Tensor:
-        """base_hidden, thought_hidden: (..., H) final-layer states -> w: (..., ) in (0, 1)."""
-        features = self.mlp(torch.cat([base_hidden, thought_hidden], dim=-1))
-        return torch.sigmoid(self.out(features)).squeeze(-1)
+        """base_hidden, thought_hidden: (..., H) final-layer states -> w: (..., ), in (0, 1) under sigmoid."""
+        logit = self.out(self.mlp(torch.cat([base_hidden, thought_hidden], dim=-1))).squeeze(-1)
+        return torch.sigmoid(logit) if self.activation == "sigmoid" else logit
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
 
 
 def mix_logits(base_logits: Tensor, thought_logits: Tensor, weight: Tensor) -> Tensor:

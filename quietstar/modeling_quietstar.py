@@ -163,7 +163,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         _check_base(self.model)
         hidden_size = config.text_config.hidden_size
         self.thought_markers = ThoughtMarkers(hidden_size, config.thought_embedding_scale)
-        self.mixing_head = MixingHead(hidden_size, config.mixer_hidden_size)
+        self.mixing_head = MixingHead(hidden_size, config.mixer_hidden_size, config.mixing_activation)
         self.think_gate = ThinkGate(hidden_size)  # adaptive thinking in generate(); calibrated by adaptive.py
         self.post_init()
         _install_output_capturing(self.model)

@@ -95,3 +95,50 @@ def test_thought_reward_teaches_the_policy_whatever_the_mixing_weight():
 def test_unknown_policy_reward_is_refused():
     with pytest.raises(StrictDataclassClassValidationError, match="policy_reward. must be one of .'mixed', 'thought'."):
         make_model("llama", policy_reward="mixd")
+
+
+def test_identity_mixing_weight_is_the_raw_head_output_outside_zero_one():
+    """`mixing_activation="identity"` (the reference code's head): w is the head's output itself, here 1.7, and the
+    prediction is the log-space extrapolation (1 - w) base + w thought, renormalised, markers excluded."""
+    model, _ = make_model("llama", mixing_activation="identity", initial_mixing_logit=1.7)
+    ids = random_text(1, 6)
+    with torch.no_grad():
+        out = model(ids, thought_temperature=0.0)
+        text = model.text_pass(ids, None, model.config.thought_length + 2, n_thoughts=1)
+        thought_logits = model.thought_pass(text, out.thought_ids, lookahead=1).logits()[:, 0, :, 0]  # (B, L, V)
+    torch.testing.assert_close(out.mixing_weights, torch.full_like(out.mixing_weights, 1.7))
+    expected = -0.7 * out.base_logits + 1.7 * thought_logits
+    expected[..., list(model.marker_ids)] = float("-inf")
+    torch.testing.assert_close(out.logits, expected.log_softmax(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_identity_mixing_defaults_to_the_sigmoid_default_starting_weight():
+    model, _ = make_model("llama", mixing_activation="identity")
+    out = model(random_text(1, 6))
+    torch.testing.assert_close(out.mixing_weights, torch.full_like(out.mixing_weights, 0.0180), atol=1e-4, rtol=0)
+
+
+def test_identity_mixing_trains_unclamped_with_finite_loss_and_gradients():
+    """Training with the unbounded weight: w = -0.5 (no sigmoid could give it) still gives a finite loss, finite
+    gradients everywhere, and the head's bias moves by exactly -lr * dL/dw summed over positions (no clamp)."""
+    model, _ = make_model("llama", thought_length=2, lookahead=2, n_thoughts=2, mixing_activation="identity",
+                          initial_mixing_logit=-0.5)
+    model.train()
+    ids = random_text(2, 8)
+    out = model(ids, labels=ids)
+    assert (out.mixing_weights == -0.5).all()
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
+    bias_grad = model.mixing_head.out.bias.grad
+    assert bias_grad.abs().sum() > 0
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        moved = model(ids, labels=ids).mixing_weights
+    torch.testing.assert_close(moved, torch.full_like(moved, -0.5 - 0.1 * bias_grad.item()))
+
+
+def test_unknown_mixing_activation_is_refused():
+    with pytest.raises(StrictDataclassClassValidationError, match="mixing_activation"):
+        make_model("llama", mixing_activation="tanh")
