@@ -20,7 +20,6 @@ from .scoring import label_scores
 from .tasks.bootstrap import bootstrap_ci
 
 WITH, BASE, CONTROL, CONTROL_FLOPS = "with thoughts", "base path", "control", "control-flops"
-SHOWN_THOUGHTS = 8
 
 
 def thinking_flops_ratio(config: QuietStarConfig) -> float:
@@ -117,6 +116,9 @@ def format_comparison(report: dict) -> str:
         f"{100 * gain['accuracy_ci95'][1]:+.1f}], NLL {gain['nll']:+.4f} nats/token "
         f"[{gain['nll_ci95'][0]:+.4f}, {gain['nll_ci95'][1]:+.4f}] (> 0: thinking wins)",
     ]
+    if report.get("thoughts"):  # the greedy thought before each item's first labelled token
+        lines += ["", "| text before | thought | next token |", "|---|---|---|"]
+        lines += [f"| `{t['context']!r}` | `{t['thought']!r}` | `{t['next']!r}` |" for t in report["thoughts"]]
     return "\n".join(lines)
 
 

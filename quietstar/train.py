@@ -110,10 +110,8 @@ def train(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
         last = index == len(stages) - 1
         result = run_stage(config, task, stage, output_dir if last else output_dir / stage.name, source, callbacks)
         source, last_source = result.output_dir, source
-    if config.controls and _is_main_process():
+    if config.controls:
         result.report = run_controls(config, task, stages[-1], output_dir, last_source, callbacks)
-    elif config.controls:
-        run_controls(config, task, stages[-1], output_dir, last_source, callbacks)
     return result
 
 
@@ -122,10 +120,11 @@ def run_controls(config, task, stage: Stage, output_dir: Path, source: Path | No
     the same examples; then the report on the held-out items (main process)."""
     thinking_config = QuietStarConfig.from_pretrained(output_dir)
     training = _stage_training(config, stage)
-    steps = QuietStarTrainingArguments(**training).max_steps
+    args = QuietStarTrainingArguments(**training)
+    steps = args.max_steps
     if steps <= 0:
         raise ValueError("controls: true needs the thinking stage's training.max_steps (the controls match its steps).")
-    n_train = _n_train(QuietStarTrainingArguments(**training))  # the thinking stage's examples, reused over epochs
+    n_train = _n_train(args)  # the thinking stage's examples, reused over epochs by the FLOPs-matched control
     for name, max_steps in ((CONTROL, steps), (CONTROL_FLOPS, control_steps(steps, thinking_config))):
         # about as many validations (keep-best candidates) per run: step-counted intervals scale by a whole factor,
         # which keeps save_steps a multiple of eval_steps
@@ -137,19 +136,14 @@ def run_controls(config, task, stage: Stage, output_dir: Path, source: Path | No
         return None
     model, tokenizer = load_model(output_dir, {})
     examples, collator = _held_out(config, task, stage, tokenizer, model.config.lookahead, "test")
-    batch_size = QuietStarTrainingArguments(**training).per_device_eval_batch_size
-    seed = QuietStarTrainingArguments(**training).seed
-    thinking = score_items(model, examples, collator, batch_size, seed)
-    controls = {}
-    for name in (CONTROL, CONTROL_FLOPS):
-        control, _ = load_model(output_dir / name, {}, thinking=False)
-        controls[name] = score_items(control, examples, collator, batch_size, seed)
+    thinking = score_items(model, examples, collator, args.per_device_eval_batch_size, args.seed)
+    controls = {
+        name: score_items(load_model(output_dir / name, {}, thinking=False)[0], examples, collator, args.per_device_eval_batch_size, args.seed)
+        for name in (CONTROL, CONTROL_FLOPS)
+    }
     report = compare(thinking, controls, task.metric if task is not None else "nll")
     report["steps"] = {"thinking": steps, CONTROL: steps, CONTROL_FLOPS: control_steps(steps, thinking_config)}
-    report["thoughts"] = [
-        {"context": tokenizer.decode(examples[k]["input_ids"][-12:]), "thought": tokenizer.decode(thought)}
-        for k, thought in enumerate(thinking["thought"][:8])
-    ]
+    report["thoughts"] = [_thought_record(examples[k], thought, tokenizer) for k, thought in enumerate(thinking["thought"][:8])]
     (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
     (output_dir / REPORT_TABLE).write_text(format_comparison(report) + "\n")
     return report
@@ -180,7 +174,7 @@ def run_stage(
             model, tokenizer = QuietStarForCausalLM.from_base(model, tokenizer, **quietstar_fields)
     else:
         model, tokenizer = load_model(config.base if source is None else source, quietstar_fields, stage.thinking)
-    if config.lora is not None and stage.thinking:
+    if config.lora is not None:  # every stage and control: the controls get the same adapter as the thinking run
         from peft import get_peft_model  # only LoRA runs need peft
 
         from .lora import lora_config
@@ -212,7 +206,7 @@ def run_stage(
         after = trainer.evaluate(metric_key_prefix="after") if eval_set else {}
     finally:
         torch.set_num_threads(threads)
-    if config.lora is None or not stage.thinking:
+    if config.lora is None:
         trainer.save_model(str(output_dir))  # save_pretrained of the unwrapped model (+ tokenizer), gathered under FSDP
     else:
         trainer.save_model(str(output_dir / ADAPTER_DIR))
@@ -225,6 +219,13 @@ def run_stage(
             plot_gain(output_dir / METRICS_FILE, output_dir / GAIN_PLOT)
         (output_dir / STAGE_FILE).write_text(json.dumps({"stage": dataclasses.asdict(stage), "before": before, "after": after}))
     return TrainResult(output_dir, before, after, trainer.state.log_history)
+
+
+def _thought_record(example: dict, thought: list[int], tokenizer) -> dict:
+    """The held-out item's text before its first labelled token, that token, and the thought written before it."""
+    first = next(k for k, label in enumerate(example["labels"]) if k > 0 and label != -100)
+    ids = list(example["input_ids"])
+    return {"context": tokenizer.decode(ids[max(0, first - 12) : first]), "thought": tokenizer.decode(thought), "next": tokenizer.decode(ids[first : first + 1])}
 
 
 def _stage_training(config: TrainConfig, stage: Stage) -> dict:

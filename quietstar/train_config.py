@@ -16,7 +16,8 @@
     controls: true            # after the last (thinking) stage: the same stage with thinking off, for the same steps
                               # (OUT/control) and for the same FLOPs (OUT/control-flops), and the report comparing them
 
-Command-line overrides use dotted keys: `--training.max_steps 5 --quietstar.thought_length 8 --base path/to/model`;
+Command-line overrides use dotted keys: `--training.max_steps 5 --quietstar.thought_length 8 --base path/to/model`
+(an override of a `quietstar` or `training` key also replaces the value a stage sets for it);
 values are read as YAML (`1e-6`, `true`, `null`, `[a, b]`). An unknown key or a value of the wrong type is an error
 that names the key. Bundled configs live in `quietstar/configs/` (also reachable as `configs/` in a checkout) and can
 be named without their path: `quietstar train paper_gpu`.
@@ -130,6 +131,10 @@ def load_train_config(name: str | Path | None = None, overrides: dict[str, Any] 
         if key == "data" and isinstance(value, str):  # `--data FILE`, the form users type first
             key = "task.data" if raw.get("task") else "data.path"
         _set_dotted(raw, key, value)
+        section, _, name = key.partition(".")
+        for stage in raw.get("stages") or []:  # the command line has the last word: also over a stage's own value
+            if isinstance(stage, dict) and isinstance(stage.get(section), dict) and name in stage[section]:
+                stage[section][name] = value
     return validate_train_config(raw, source=str(path))
 
 

@@ -14,9 +14,13 @@ def test_unknown_subcommand_is_an_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_convert_reports_a_missing_gguf_file(tmp_path):
+def test_convert_reports_a_missing_gguf_file(tmp_path, capsys):
+    """A user error is one argparse-style line and exit status 2; --debug raises it with its traceback."""
+    assert main(["convert", str(tmp_path / "absent.gguf"), "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("quietstar convert: error: no GGUF file") and "Traceback" not in error
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
-        main(["convert", str(tmp_path / "absent.gguf"), "--output-dir", str(tmp_path / "out")])
+        main(["convert", str(tmp_path / "absent.gguf"), "--debug"])
 
 
 def test_cli_runs_as_a_module():

@@ -36,6 +36,7 @@ def overrides(tiny_base, corpus, output_dir, per_device_batch):
         "training.logging_steps": 1,
         "training.eval_strategy": "no",
         "training.save_strategy": "no",
+        "controls": False,
     }
 
 

@@ -253,6 +253,10 @@ def test_bundled_configs_are_valid():
     multihop = load_train_config("multihop")
     assert [stage.name for stage in multihop.stages] == ["chains", "fillers", "thinking"] and multihop.controls
     assert [stage.thinking for stage in multihop.stages] == [False, False, True]
+    # a command-line override has the last word: it also replaces the value a stage sets for the key
+    multihop = load_train_config("multihop", {"training.learning_rate": 1e-5, "quietstar.n_thoughts": 2})
+    assert [stage.training["learning_rate"] for stage in multihop.stages] == [1e-5] * 3
+    assert multihop.quietstar["n_thoughts"] == 2 and "n_thoughts" not in multihop.stages[2].quietstar
     gsm8k = load_train_config("gsm8k", {"data": "/some/dir"})
     assert gsm8k.task == {"name": "gsm8k", "data": "/some/dir", "max_length": 128, "min_solution_tokens": 32,
                           "validation_items": 16, "test_items": 100}

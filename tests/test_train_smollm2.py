@@ -30,6 +30,7 @@ def test_default_config_trains_smollm2(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     assert isinstance(model, quietstar.QuietStarForCausalLM) and model.config.text_config.model_type == "llama"
     assert model.config.thought_length == 4
+    assert "| control-flops |" in printed and "gain of thinking over the better control" in printed  # make train's table
 
 
 def test_gguf_base_is_converted_once_into_the_cache(tmp_path, monkeypatch):
