@@ -79,7 +79,7 @@ def compare(thinking: dict[str, list], controls: dict[str, dict[str, list]], met
     models.update({name: _summary(items["nll"], items["exact"], tokens) for name, items in controls.items()})
     better = max(controls, key=lambda name: models[name]["accuracy"] if metric == "accuracy" else -models[name]["nll"])
     exact_gain = [a - b for a, b in zip(thinking["exact"], controls[better]["exact"])]
-    nll_gain = [b - a for a, b in zip(thinking["nll"], controls[better]["nll"])]  # control - thinking: > 0 = thinking wins
+    nll_gain = [b - a for a, b in zip(thinking["nll"], controls[better]["nll"])]  # > 0: thinking wins
     return {
         "metric": metric,
         "items": len(tokens),

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from .comparison import CONTROL, CONTROL_FLOPS, compare, control_steps, format_comparison, score_items
@@ -91,7 +93,10 @@ def load_model(
     tokenizer.padding_side = "right"  # the Quiet-STaR forward needs right padding
     if AutoConfig.from_pretrained(path).model_type == QuietStarConfig.model_type:
         if not thinking:
-            raise ValueError(f"{path} is a Quiet-STaR model: a stage with thinking off trains a plain causal LM; order the stages so.")
+            raise ValueError(
+                f"{path} is a Quiet-STaR model, and a stage with thinking off trains a plain causal LM: put the plain "
+                "stages before the thinking ones."
+            )
         return QuietStarForCausalLM.from_pretrained(path, dtype=torch.float32, **quietstar_fields), tokenizer
     base_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if not thinking:
@@ -129,21 +134,23 @@ def run_controls(config, task, stage: Stage, output_dir: Path, source: Path | No
         # about as many validations (keep-best candidates) per run: step-counted intervals scale by a whole factor,
         # which keeps save_steps a multiple of eval_steps
         factor = max_steps // steps
-        scaled = {key: training[key] * factor for key in ("eval_steps", "save_steps", "logging_steps") if training.get(key, 0) >= 1}
-        control = dataclasses.replace(stage, thinking=False, training={**stage.training, **scaled, "max_steps": max_steps})
+        intervals = ("eval_steps", "save_steps", "logging_steps")
+        scaled = {key: training[key] * factor for key in intervals if training.get(key, 0) >= 1}
+        control_training = {**stage.training, **scaled, "max_steps": max_steps}
+        control = dataclasses.replace(stage, thinking=False, training=control_training)
         run_stage(config, task, control, output_dir / name, source, callbacks, n_train=n_train)
     if not _is_main_process():
         return None
     model, tokenizer = load_model(output_dir, {})
     examples, collator = _held_out(config, task, stage, tokenizer, model.config.lookahead, "test")
-    thinking = score_items(model, examples, collator, args.per_device_eval_batch_size, args.seed)
-    controls = {
-        name: score_items(load_model(output_dir / name, {}, thinking=False)[0], examples, collator, args.per_device_eval_batch_size, args.seed)
-        for name in (CONTROL, CONTROL_FLOPS)
-    }
+    def score(model) -> dict[str, list]:
+        return score_items(model, examples, collator, args.per_device_eval_batch_size, args.seed)
+
+    thinking = score(model)
+    controls = {name: score(load_model(output_dir / name, {}, thinking=False)[0]) for name in (CONTROL, CONTROL_FLOPS)}
     report = compare(thinking, controls, task.metric if task is not None else "nll")
     report["steps"] = {"thinking": steps, CONTROL: steps, CONTROL_FLOPS: control_steps(steps, thinking_config)}
-    report["thoughts"] = [_thought_record(examples[k], thought, tokenizer) for k, thought in enumerate(thinking["thought"][:8])]
+    report["thoughts"] = [_thought_record(examples[k], ids, tokenizer) for k, ids in enumerate(thinking["thought"][:8])]
     (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
     (output_dir / REPORT_TABLE).write_text(format_comparison(report) + "\n")
     return report
@@ -217,7 +224,8 @@ def run_stage(
         (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         if stage.thinking:
             plot_gain(output_dir / METRICS_FILE, output_dir / GAIN_PLOT)
-        (output_dir / STAGE_FILE).write_text(json.dumps({"stage": dataclasses.asdict(stage), "before": before, "after": after}))
+        finished = {"stage": dataclasses.asdict(stage), "before": before, "after": after}
+        (output_dir / STAGE_FILE).write_text(json.dumps(finished))
     return TrainResult(output_dir, before, after, trainer.state.log_history)
 
 
@@ -225,7 +233,11 @@ def _thought_record(example: dict, thought: list[int], tokenizer) -> dict:
     """The held-out item's text before its first labelled token, that token, and the thought written before it."""
     first = next(k for k, label in enumerate(example["labels"]) if k > 0 and label != -100)
     ids = list(example["input_ids"])
-    return {"context": tokenizer.decode(ids[max(0, first - 12) : first]), "thought": tokenizer.decode(thought), "next": tokenizer.decode(ids[first : first + 1])}
+    return {
+        "context": tokenizer.decode(ids[max(0, first - 12) : first]),
+        "thought": tokenizer.decode(thought),
+        "next": tokenizer.decode(ids[first : first + 1]),
+    }
 
 
 def _stage_training(config: TrainConfig, stage: Stage) -> dict:
@@ -247,7 +259,8 @@ def _held_out(config: TrainConfig, task, stage: Stage, tokenizer, lookahead: int
 
 
 def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
 
 
 def plot_gain(metrics_file: Path, path: Path) -> Path | None:
@@ -279,7 +292,8 @@ def format_summary(result: TrainResult) -> str:
     if "before_nll_base" in result.before:
         lines.append("held-out next-token NLL of the labelled tokens (lower is better)")
         lines.append(f"{'':18}{'no thought':>12}{'with thought':>14}{'gain':>9}{'mix weight':>12}")
-        for name, prefix, metrics in (("before training", "before", result.before), ("after training", "after", result.after)):
+        for name, prefix in (("before training", "before"), ("after training", "after")):
+            metrics = result.before if prefix == "before" else result.after
             lines.append(
                 f"{name:18}{metrics[f'{prefix}_nll_base']:12.4f}{metrics[f'{prefix}_nll_mixed']:14.4f}"
                 f"{metrics[f'{prefix}_nll_gain']:+9.4f}{metrics[f'{prefix}_mixing_weight']:12.4f}"
@@ -287,9 +301,10 @@ def format_summary(result: TrainResult) -> str:
     if result.report is not None:
         lines += ["", "does thinking beat plain fine-tuning? (the same data and steps; control-flops: the same FLOPs)"]
         lines.append(format_comparison(result.report))
+    controls = f", controls in control/ and control-flops/, {REPORT_TABLE}" if result.report else ""
     lines.append(
         f"saved to {result.output_dir} (AutoModelForCausalLM.from_pretrained loads it; metrics in {METRICS_FILE}, "
-        f"gain plot in {GAIN_PLOT}{', controls in control/ and control-flops/, ' + REPORT_TABLE if result.report else ''})"
+        f"gain plot in {GAIN_PLOT}{controls})"
     )
     return "\n".join(lines)
 
@@ -302,7 +317,8 @@ def add_train_command(subcommands) -> None:
         "train",
         help="train a Quiet-STaR model from a YAML config (default: SmolLM2-135M on arithmetic problems, CPU-sized)",
         usage="quietstar train [CONFIG] [--output-dir DIR] [--resume [CHECKPOINT]] [--section.key VALUE ...]",
-        description="CONFIG: a YAML file or a bundled config: default, paper_gpu, or a recipe (multihop; gsm8k --data DIR). "
+        description="CONFIG: a YAML file or a bundled config: default, paper_gpu, or a recipe (multihop; "
+        "gsm8k --data DIR). "
         "Overrides: --base PATH, --quietstar.thought_length 8, --data FILE (= --data.path, or a task's data), "
         "--training.max_steps 100, --controls false, ... (values read as YAML).",
     )

@@ -206,7 +206,9 @@ def validate_train_config(raw: dict[str, Any], source: str = "config") -> TrainC
     if not isinstance(controls, bool):
         raise ValueError(f"{source}: `controls` must be true or false, got {controls!r}.")
     if controls and stages and not stages[-1].thinking:
-        raise ValueError(f"{source}: `controls: true` compares the last stage with thinking off; it must be a thinking stage.")
+        raise ValueError(
+            f"{source}: `controls: true` compares the last stage with thinking off; it must be a thinking stage."
+        )
     return TrainConfig(
         base=base, quietstar=dict(sections["quietstar"]), data=DataConfig(**sections["data"]),
         training=dict(sections["training"]), lora=lora, task=task, stages=stages, controls=controls,
@@ -238,7 +240,9 @@ def _check_stage(source: str, index: int, raw: Any) -> Stage:
         raise ValueError(f"{source}: unknown keys {unknown} in {where}; a stage has the keys {STAGE_KEYS}.")
     stage = Stage(**{key: value for key, value in raw.items() if value is not None})
     if not isinstance(stage.name, str) or not re.fullmatch(r"[\w.-]+", stage.name):
-        raise ValueError(f"{source}: {where}.name must be a directory-safe name (letters, digits, _ . -), got {stage.name!r}.")
+        raise ValueError(
+            f"{source}: {where}.name must be a directory-safe name (letters, digits, _ . -), got {stage.name!r}."
+        )
     if not isinstance(stage.thinking, bool):
         raise ValueError(f"{source}: {where}.thinking must be true or false, got {stage.thinking!r}.")
     if stage.stop_at is not None and not (

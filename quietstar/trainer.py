@@ -40,7 +40,8 @@ class QuietStarTrainingArguments(TrainingArguments):
         },
     )
     head_frozen_steps: int = field(
-        default=0, metadata={"help": "the mixing head is not trained (its gradients dropped before clipping) for this many steps"}
+        default=0,
+        metadata={"help": "the mixing head is not trained (its gradients dropped before clipping) for this many steps"},
     )
     cpu_threads: int | None = field(
         default=None,
@@ -73,17 +74,18 @@ class QuietStarTrainer(Trainer):
         """The stock optimizer (its weight-decay groups), each group split into base, head and marker parameters,
         the latter two at `head_learning_rate` / `marker_learning_rate` when set."""
         optimizer = super().create_optimizer(model)
-        rates = {HEAD_MODULE: getattr(self.args, "head_learning_rate", None), MARKER_MODULE: getattr(self.args, "marker_learning_rate", None)}
+        rates = {HEAD_MODULE: self._arg("head_learning_rate"), MARKER_MODULE: self._arg("marker_learning_rate")}
         if all(rate is None for rate in rates.values()):
             return optimizer
-        kind = {id(p): next((part for part in rates if part in name), None) for name, p in (model or self.model).named_parameters()}
+        names = {id(p): name for name, p in (model or self.model).named_parameters()}
+        part_of = {key: next((part for part in rates if part in name), None) for key, name in names.items()}
         groups = []
         for group in optimizer.param_groups:
             for part in (None, *rates):
-                params = [p for p in group["params"] if kind.get(id(p)) == part]
-                rate = group["lr"] if part is None or rates[part] is None else rates[part]
+                params = [p for p in group["params"] if part_of.get(id(p)) == part]
                 if params:
-                    groups.append({**group, "params": params, "lr": rate})
+                    own_rate = rates.get(part)
+                    groups.append({**group, "params": params, "lr": group["lr"] if own_rate is None else own_rate})
         optimizer.param_groups.clear()
         for group in groups:
             optimizer.add_param_group(group)
@@ -98,7 +100,11 @@ class QuietStarTrainer(Trainer):
         return loss
 
     def _head_frozen(self) -> bool:
-        return self.state.global_step < getattr(self.args, "head_frozen_steps", 0) or getattr(self.args, "head_learning_rate", None) == 0
+        return self.state.global_step < (self._arg("head_frozen_steps") or 0) or self._arg("head_learning_rate") == 0
+
+    def _arg(self, name: str):
+        """A `QuietStarTrainingArguments` field; None when the trainer was given plain `TrainingArguments`."""
+        return getattr(self.args, name, None)
 
     # ---- logging ---------------------------------------------------------------------------------------------------
 
@@ -125,8 +131,7 @@ class QuietStarTrainer(Trainer):
         thinking = hasattr(self.model, "marker_ids")
         was_training = model.training
         model.eval()
-        # sums: NLL mixed, NLL base, exact mixed, exact base, weight; token and example counts
-        totals = torch.zeros(7, dtype=torch.float64, device=self.args.device)
+        totals = dict.fromkeys(("nll", "nll_base", "exact", "exact_base", "weight", "tokens", "examples"), 0.0)
         histogram = torch.zeros(WEIGHT_BINS, dtype=torch.float64, device=self.args.device)
         hard: list[tuple[float, dict]] = []  # (base NLL, record) of the hardest tokens seen so far
         devices = [self.args.device] if self.args.device.type == "cuda" else []
@@ -138,28 +143,39 @@ class QuietStarTrainer(Trainer):
                 with self.autocast_smart_context_manager():
                     outputs = model(**batch)  # no labels: only the next token is predicted, no loss terms
                 scores = label_scores(outputs, labels, self.model.marker_ids if thinking else None)
-                base = scores.base if scores.base is not None else scores.mixed
-                rows = torch.stack([scores.mixed.row_nll(), base.row_nll(), scores.mixed.row_exact(), base.row_exact()])
-                weight = (scores.mixing_weight * scores.valid).sum() if thinking else torch.zeros((), device=labels.device)
-                totals += torch.cat([rows.sum(dim=1), weight[None], scores.valid.sum()[None], torch.tensor([len(labels)], device=labels.device)]).to(totals)
+                base = scores.base if thinking else scores.mixed  # a plain LM's only prediction is its own
+                totals["nll"] += scores.mixed.row_nll().sum().item()
+                totals["nll_base"] += base.row_nll().sum().item()
+                totals["exact"] += scores.mixed.row_exact().sum().item()
+                totals["exact_base"] += base.row_exact().sum().item()
+                totals["tokens"] += scores.valid.sum().item()
+                totals["examples"] += len(labels)
                 if thinking:
-                    histogram += torch.histc(scores.mixing_weight[scores.valid].double(), bins=WEIGHT_BINS, min=0, max=1)
-                    hard = _hardest(hard, batch["input_ids"], outputs.thought_ids, -base.log_probs, -scores.mixed.log_probs, scores.valid, self.processing_class)
+                    totals["weight"] += (scores.mixing_weight * scores.valid).sum().item()
+                    weights = scores.mixing_weight[scores.valid].double()
+                    histogram += torch.histc(weights, bins=WEIGHT_BINS, min=0, max=1)
+                    hard = _hardest(
+                        hard, batch["input_ids"], outputs.thought_ids, -base.log_probs, -scores.mixed.log_probs,
+                        scores.valid, self.processing_class,
+                    )
         model.train(was_training)
-        totals = self.accelerator.reduce(totals, reduction="sum")
+        summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=self.args.device)
+        totals = dict(zip(totals, self.accelerator.reduce(summed, reduction="sum").tolist()))
         histogram = self.accelerator.reduce(histogram, reduction="sum")
-        tokens, examples = totals[5].clamp(min=1), totals[6].clamp(min=1)
-        nll_mixed, nll_base, weight = (totals[[0, 1, 4]] / tokens).tolist()
-        accuracy_mixed, accuracy_base = (totals[2:4] / examples).tolist()
-        metrics = {f"{metric_key_prefix}_nll": round(nll_mixed, 6), f"{metric_key_prefix}_accuracy": round(accuracy_mixed, 6)}
+        tokens, examples = max(totals["tokens"], 1), max(totals["examples"], 1)
+        nll_mixed, nll_base = totals["nll"] / tokens, totals["nll_base"] / tokens
+        metrics = {
+            f"{metric_key_prefix}_nll": round(nll_mixed, 6),
+            f"{metric_key_prefix}_accuracy": round(totals["exact"] / examples, 6),
+        }
         details = {}
         if thinking:
             metrics.update({
                 f"{metric_key_prefix}_nll_base": round(nll_base, 6),
                 f"{metric_key_prefix}_nll_mixed": round(nll_mixed, 6),
                 f"{metric_key_prefix}_nll_gain": round(nll_base - nll_mixed, 6),
-                f"{metric_key_prefix}_accuracy_base": round(accuracy_base, 6),
-                f"{metric_key_prefix}_mixing_weight": round(weight, 6),
+                f"{metric_key_prefix}_accuracy_base": round(totals["exact_base"] / examples, 6),
+                f"{metric_key_prefix}_mixing_weight": round(totals["weight"] / tokens, 6),
             })
             details = {  # logged (metrics.jsonl), not returned: the Trainer's metrics are numbers
                 f"{metric_key_prefix}_mixing_weight_histogram": [int(count) for count in histogram.tolist()],

@@ -117,7 +117,7 @@ def test_short_run_keeps_the_best_checkpoint_and_reports_the_controls(tiny_base,
 
 def test_recipe_errors_name_the_fix(tmp_path, capsys):
     assert main(["train", "gsm8k", "--output-dir", str(tmp_path)]) == 2
-    assert "give --task.data DIR" in capsys.readouterr().err
+    assert "give --data DIR" in capsys.readouterr().err
     assert main(["train", "gsm8k", "--data", str(tmp_path), "--task.stepz", "3"]) == 2
     assert "unexpected keyword argument 'stepz'" in capsys.readouterr().err
     (tmp_path / "train.jsonl").write_text(json.dumps(PROBLEMS[0]) + "\n")

@@ -21,7 +21,11 @@ from transformers import PreTrainedTokenizerBase
 
 
 def encode_completion(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, unscored: tuple[int, ...] = (), max_length: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    completion: str,
+    unscored: tuple[int, ...] = (),
+    max_length: int | None = None,
 ) -> dict[str, list[int]]:
     """prompt + completion -> {"input_ids", "labels"}: labels are the ids of the completion's tokens (those that start
     at or after the prompt's end, so a token merged across the boundary counts as completion), -100 elsewhere and on

@@ -20,11 +20,12 @@ VARIANTS = ("solution",)
 
 
 def load_problems(data_dir: str | Path, split: str) -> list[dict]:
-    """`{"question", "answer"}` records of DIR/{split}.jsonl, in file order; each answer must contain '#### <number>'."""
+    """`{"question", "answer"}` records of DIR/{split}.jsonl, in file order; each answer must hold '#### <number>'."""
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(
-            f"gsm8k: no {split}.jsonl in {data_dir}; --task.data must be a directory with GSM8K's train.jsonl and test.jsonl."
+            f"gsm8k: no {split}.jsonl in {data_dir}; --data must be a directory with GSM8K's train.jsonl and "
+            "test.jsonl."
         )
     records = []
     for line, record in read_jsonl(path, {"question": str, "answer": str}, GSM8K_EXAMPLE):
@@ -46,7 +47,9 @@ class Gsm8kTask:
 
     def __post_init__(self):
         if self.data is None:
-            raise ValueError("gsm8k: give --task.data DIR, a directory with GSM8K's train.jsonl and test.jsonl.")
+            raise ValueError(
+                "gsm8k: give --data DIR (task.data in a config), a directory with GSM8K's train.jsonl and test.jsonl."
+            )
 
     def tokenizer(self):
         return None
@@ -77,7 +80,8 @@ class Gsm8kTask:
 
     @staticmethod
     def _encode(problem: dict, tokenizer, max_length: int | None = None) -> dict:
-        return encode_completion(tokenizer, answer_prompt(problem["question"]), f" {problem['answer']}", max_length=max_length)
+        prompt, solution = answer_prompt(problem["question"]), f" {problem['answer']}"
+        return encode_completion(tokenizer, prompt, solution, max_length=max_length)
 
 
 __all__ = ["Gsm8kTask", "load_problems"]

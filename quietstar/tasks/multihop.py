@@ -123,7 +123,9 @@ class MultihopTask:
     def examples(self, split: str, variant: str, n: int | None, tokenizer) -> LazyExamples:
         if variant not in VARIANTS:
             raise ValueError(f"multihop: stage data must be one of {VARIANTS}, got {variant!r}.")
-        seeds = {"train": f"multihop-{variant}-{self.seed}", "validation": VALIDATION_SEED + self.seed, "test": TEST_SEED}
+        seeds = {
+            "train": f"multihop-{variant}-{self.seed}", "validation": VALIDATION_SEED + self.seed, "test": TEST_SEED
+        }
         n = n or (self.validation_items if split == "validation" else self.test_items)
         filler = tokenizer.convert_tokens_to_ids(FILLER)
 
@@ -133,9 +135,11 @@ class MultihopTask:
             if variant == "direct":
                 completion = f" {problem.answer}"
             else:
-                tokens = [*problem.chain, "|"]
-                if variant == "fillers":
-                    tokens = [t for token in tokens for t in ([FILLER, token] if rng.random() < self.filler_rate else [token])]
+                tokens = []
+                for token in [*problem.chain, "|"]:
+                    if variant == "fillers" and rng.random() < self.filler_rate:  # a pause before this chain token
+                        tokens.append(FILLER)
+                    tokens.append(token)
                 completion = " " + " ".join(tokens)
             return encode_completion(tokenizer, problem.prompt, completion, unscored=(filler,))
 
