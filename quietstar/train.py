@@ -210,6 +210,13 @@ def run_stage(
     try:
         before = trainer.evaluate(metric_key_prefix="before") if eval_set else {}
         trainer.train(resume_from_checkpoint=resume)
+        for stop in stops:  # a stage that trains "until the model can do X" and could not: what follows is moot
+            if not stop.reached:
+                raise RuntimeError(
+                    f"stage {stage.name!r} ended at step {trainer.state.global_step} without reaching {stop.metric} "
+                    f"{stop.target} (last evaluation: {stop.last}). Its checkpoints are in {output_dir}: rerun with "
+                    "--resume and more steps (--training.max_steps), or another --training.seed."
+                )
         after = trainer.evaluate(metric_key_prefix="after") if eval_set else {}
     finally:
         torch.set_num_threads(threads)

@@ -17,7 +17,8 @@
                               # (OUT/control) and for the same FLOPs (OUT/control-flops), and the report comparing them
 
 Command-line overrides use dotted keys: `--training.max_steps 5 --quietstar.thought_length 8 --base path/to/model`
-(an override of a `quietstar` or `training` key also replaces the value a stage sets for it);
+(an override of a `quietstar` or `training` key also replaces the value a stage sets for it; one stage's own value:
+`--stages.chains.training.max_steps 6000`);
 values are read as YAML (`1e-6`, `true`, `null`, `[a, b]`). An unknown key or a value of the wrong type is an error
 that names the key. Bundled configs live in `quietstar/configs/` (also reachable as `configs/` in a checkout) and can
 be named without their path: `quietstar train paper_gpu`.
@@ -127,7 +128,9 @@ def load_train_config(name: str | Path | None = None, overrides: dict[str, Any] 
     raw = yaml.load(path.read_text(), Loader=_Loader) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a training config is a mapping with sections {SECTIONS}, got {type(raw).__name__}.")
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    addressed = {key: overrides.pop(key) for key in list(overrides) if key.startswith("stages.")}
+    for key, value in overrides.items():
         if key == "data" and isinstance(value, str):  # `--data FILE`, the form users type first
             key = "task.data" if raw.get("task") else "data.path"
         _set_dotted(raw, key, value)
@@ -135,7 +138,22 @@ def load_train_config(name: str | Path | None = None, overrides: dict[str, Any] 
         for stage in raw.get("stages") or []:  # the command line has the last word: also over a stage's own value
             if isinstance(stage, dict) and isinstance(stage.get(section), dict) and name in stage[section]:
                 stage[section][name] = value
+    for key, value in addressed.items():  # --stages.NAME.section.key VALUE: one stage's value, applied last
+        _set_stage_value(raw, key, value)
     return validate_train_config(raw, source=str(path))
+
+
+def _set_stage_value(raw: dict, key: str, value: Any) -> None:
+    _, name, section, field_name = (key.split(".", 3) + ["", "", ""])[:4]
+    stages = {stage.get("name"): stage for stage in raw.get("stages") or [] if isinstance(stage, dict)}
+    if name not in stages:
+        raise ValueError(f"override --{key}: no stage named {name!r}; the config's stages are {sorted(stages)}.")
+    if section in ("quietstar", "training") and field_name:
+        stages[name].setdefault(section, {})[field_name] = value
+    elif section in STAGE_KEYS and not field_name:
+        stages[name][section] = value
+    else:
+        raise ValueError(f"override --{key}: expected --stages.{name}.training.KEY, .quietstar.KEY or one of {STAGE_KEYS}.")
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
@@ -164,7 +182,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
         raw[section] = value
         return
     if section in ("base", "controls", "stages"):
-        raise ValueError(f"override --{key}: `{section}` is a single value (--{section} VALUE).")
+        raise ValueError(f"override --{key}: `{section}` is a single value (--{section} VALUE; one stage's value: "
+                         "--stages.NAME.training.KEY VALUE).")
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise ValueError(f"override --{key}: section {section!r} is not a mapping in the config.")

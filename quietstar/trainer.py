@@ -236,11 +236,14 @@ class StopAtMetric(TrainerCallback):
 
     def __init__(self, metric: str, target: float):
         self.metric, self.target = metric, target
+        self.reached, self.last = False, None  # `last`: the metric at the latest evaluation
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = next((v for k, v in (metrics or {}).items() if k.endswith(f"_{self.metric}")), None)
+        if value is not None:
+            self.last = value
         if value is not None and value >= self.target:
-            control.should_training_stop = True
+            self.reached = control.should_training_stop = True
 
 
 __all__ = ["QuietStarTrainer", "QuietStarTrainingArguments", "JsonlMetricsCallback", "StopAtMetric", "TRAIN_PARTS"]

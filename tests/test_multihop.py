@@ -175,3 +175,17 @@ def test_resume_of_a_recipe_is_bit_identical(tmp_path):
     assert losses(resumed) == losses(uninterrupted) and len(losses(resumed)) == 5  # steps 1, 2 from the checkpoint
     weights = [load_file(tmp_path / run / "model.safetensors") for run in ("a", "b")]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_a_stage_that_misses_its_target_stops_the_run(tmp_path):
+    """`stop_at` is the stage's purpose: a chains stage that ends without writing chains stops the recipe with the
+    figures and the fix, before any later stage trains on a model that cannot do what it needs."""
+    stages = (
+        "[{name: chains, data: chain, thinking: false, stop_at: {accuracy: 0.98}, training: {max_steps: 4, "
+        "per_device_train_batch_size: 8, eval_steps: 2, save_steps: 2}}, {name: thinking, data: direct}]"
+    )
+    arguments = ["train", "multihop", "--output-dir", str(tmp_path), "--stages", stages, "--task.validation_items", "16"]
+    with pytest.raises(RuntimeError, match=r"stage 'chains' ended at step 4 without reaching accuracy 0.98 \(last evaluation: 0"):
+        main(arguments)
+    assert (tmp_path / "chains" / "checkpoint-4").is_dir() and not (tmp_path / "chains" / "stage.json").exists()
+    assert not (tmp_path / "stage.json").exists()

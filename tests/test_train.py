@@ -257,6 +257,11 @@ def test_bundled_configs_are_valid():
     multihop = load_train_config("multihop", {"training.learning_rate": 1e-5, "quietstar.n_thoughts": 2})
     assert [stage.training["learning_rate"] for stage in multihop.stages] == [1e-5] * 3
     assert multihop.quietstar["n_thoughts"] == 2 and "n_thoughts" not in multihop.stages[2].quietstar
+    multihop = load_train_config("multihop", {"stages.chains.training.max_steps": 6000, "stages.fillers.data": "chain"})
+    assert [stage.training["max_steps"] for stage in multihop.stages] == [6000, 300, 200]
+    assert multihop.stages[1].data == "chain"
+    with pytest.raises(ValueError, match="no stage named 'chainz'; the config's stages are"):
+        load_train_config("multihop", {"stages.chainz.training.max_steps": 1})
     gsm8k = load_train_config("gsm8k", {"data": "/some/dir"})
     assert gsm8k.task == {"name": "gsm8k", "data": "/some/dir", "max_length": 128, "min_solution_tokens": 32,
                           "validation_items": 16, "test_items": 100}
