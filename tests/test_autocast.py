@@ -4,7 +4,9 @@ CPU, the cpu backend (torch's fused CPU attention kernel).
 
 Under autocast, rotary embeddings hand back fp32 q/k while v is in the autocast dtype; the thought attention brings
 them to one dtype. Rule, as for the kernels: with the fp32 step as the truth, a fused backend's step error is at
-most twice the torch step's error in the same precision, plus a rounding-level allowance."""
+most twice the torch step's error in the same precision, plus a rounding-level allowance. The same rule holds each
+loss term's gradient (the policy term at policy_weight 1e6, and under a GradScaler-sized loss scale) from the
+hand-written head backward against plain autograd, with the float64 step as the truth."""
 
 import contextlib
 
@@ -96,7 +98,9 @@ def plain_weighted_sum(self, coefficients):
 
 def term_gradient(term, weight_dtype, autocast_dtype=None, loss_scale=1.0):
     """All parameter gradients (flat, float64) of one loss term, the loss multiplied by `loss_scale` (GradScaler's
-    scale) and the gradients divided by it, as GradScaler's unscale_ does. Fixed thoughts: every run scores the same."""
+    scale) and the gradients divided by it, as GradScaler's unscale_ does. Fixed thoughts: every run scores the same.
+    L = 32, so that REINFORCE's coefficients advantage / (count * T) are small enough to underflow fp16 as at real
+    sizes (at L = 9 they did not, even before the head fix)."""
     model, _ = make_model("llama", thought_length=3, n_thoughts=2, lookahead=3, clip_advantage=False,
                           thought_attention_backend="torch", **LOSS_TERMS[term])
     model.to(DEVICE, weight_dtype).train()
