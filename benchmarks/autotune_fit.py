@@ -10,10 +10,11 @@
 Compiles with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` down to cubin; triton runs the
 bundled ptxas with -v (the legacy `ptxas` for sm_80, `ptxas-blackwell` for sm_90: the legacy one refuses the PTX
 version triton emits for sm_90) and its log is read back (knobs.nvidia.dump_ptxas_log). The configs are the
-kernels' own autotune lists (`_configs` of the GPU build, not the one pinned config tests run under) after the
-kernels' own pruning (`_kept_configs`); `--unpruned` compiles the whole space, which is how the pruning rule was
-calibrated. Each (kernel, arch, dtype, head dim) compiles in its own process (the parent may run Triton in interpreter
-mode), `--jobs` of them at a time.
+kernels' own autotune spaces (FWD_SPACE, BWD_SPACE: the GPU build's, not the one pinned config tests run under)
+after the kernels' own pruning (`_kept_configs`); `--unpruned` compiles the whole space. The sweeps' CSVs in
+benchmarks/runs/autotune (bf16: the whole space; fp16, fp32: the kept configs) are the source of
+triton_kernels/tiles_without_spills.json (`--write-table`). Each (kernel, arch, dtype, head dim) compiles in its own process (the parent may run Triton in
+interpreter mode; triton's cache is bypassed, or ptxas and its log would be skipped), `--jobs` of them at a time.
 Prints one line per config and a JSON summary last; `--csv` writes every row.
 """
 

@@ -59,15 +59,16 @@ else:
 
 # Which tiles the autotuner may try. Every config of the spaces above was compiled ahead of time for sm_80 and sm_90,
 # bf16, head dims 64 and 128 (benchmarks/autotune_fit.py; benchmarks/RESULTS.md, "Autotune configs"): shared memory
-# stays far below the per-block limits (at most 96 KiB; A100 allows 163 KiB), but registers run out: past a thread's
+# stays below the per-block limits (at most 113 KiB; A100 allows 163 KiB), but registers run out: past a thread's
 # 255 ptxas spills to local memory (up to 50 KB a thread), slower than a smaller tile. Which configs spill is no simple
-# function of the tile (a 32x32 dK/dV tile with 4 warps and 3 stages spilled 8 bytes, 64x128 with 8 warps none), so
-# the configs measured to compile without spills are listed in `TILES_WITHOUT_SPILLS` (tiles_without_spills.json,
-# written by autotune_fit.py --write-table), by kernel, sm, element bytes (fp16 shares bf16's entries) and padded head
-# dim, and only they are tried. Where nothing was measured (fp32, other head dims or GPUs) an estimate of the registers
-# a thread keeps live decides,
+# function of the tile (a 32x32 dK/dV tile with 8 warps spilled at D=64 on sm_80, not at D=128), so the configs
+# measured to compile without spills are listed in `TILES_WITHOUT_SPILLS` (tiles_without_spills.json, written by
+# autotune_fit.py --write-table from the sweeps' CSVs in benchmarks/runs/autotune), by kernel, sm, element bytes
+# (fp16 shares bf16's entries; fp32 has its own, from the configs the estimate below kept) and padded head dim, and only
+# they are tried. Where nothing was measured (other head dims or GPUs) an estimate of the registers a thread keeps
+# live decides,
 #     (fp32 tiles + element_bytes / 4 * input tiles) / (32 * num_warps)    (the tiles in `_live_tiles`),
-# against RULE_BUDGET: per kernel the largest estimate below which no measured config spilled.
+# against RULE_BUDGET: per kernel the largest estimate below the smallest one that spilled in bf16.
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles_without_spills.json")) as _file:
     TILES_WITHOUT_SPILLS = json.load(_file)  # kernel -> sm -> element bytes -> head dim -> ["MxN/stages/warps", ...]
 RULE_BUDGET = {"fwd": 80, "bwd_dq": 64, "bwd_dkdv_text": 0, "bwd_dkdv_own": 56}  # 0: even the smallest tile spilled
