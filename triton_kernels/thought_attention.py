@@ -47,8 +47,9 @@ def _configs(block_ms, block_ns, stages, warps):
     ]
 
 
-# Autotuning space: 128x64 / 128x128 tiles with 3-4 stages suit Hopper's larger shared memory; 64x64 with 2-3 stages
-# suits Ampere. Under pytest (and the CPU interpreter) one small pinned config keeps runs fast and reproducible.
+# Autotuning spaces, written for Hopper's larger shared memory (128-row tiles, 3-4 stages) and Ampere (64x64, 2-3
+# stages); on either most of them spill registers, and the pruning below keeps only the ones that do not. Under pytest
+# (and the CPU interpreter) one small pinned config keeps runs fast and reproducible.
 FWD_SPACE = _configs([64, 128], [32, 64, 128], [2, 3, 4], [4, 8])
 BWD_SPACE = _configs([32, 64], [32, 64, 128], [2, 3], [4, 8])
 if INTERPRET or "PYTEST_VERSION" in os.environ:
@@ -91,7 +92,7 @@ def _tile_registers(config: triton.Config, kernel: str, head_dim: int, element_b
     return (fp32 + element_bytes / 4 * inputs) / (32 * config.num_warps)
 
 
-def tile_name(config: triton.Config) -> str:
+def _tile_name(config: triton.Config) -> str:
     """"MxN/stages/warps", as in TILES_WITHOUT_SPILLS."""
     return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}/{config.num_stages}/{config.num_warps}"
 
@@ -101,7 +102,7 @@ def _keep_tile(config: triton.Config, kernel: str, head_dim: int, element_bytes:
     compute capability (major * 10 + minor): measured where TILES_WITHOUT_SPILLS has it, else estimated."""
     measured = TILES_WITHOUT_SPILLS.get(kernel, {}).get(str(arch), {}).get(str(element_bytes), {}).get(str(head_dim))
     if measured is not None:
-        return tile_name(config) in measured
+        return _tile_name(config) in measured
     return _tile_registers(config, kernel, head_dim, element_bytes) <= RULE_BUDGET[kernel]
 
 
