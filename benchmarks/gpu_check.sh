@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh            # writes $OUT/gpu_check.txt (or benchmarks/results/gpu_check.txt)
 #
+# 0. every autotune config the kernels' pruning keeps compiles for sm_80 and sm_90 and fits (shared memory, no
+#    register spills; ahead of time, no GPU needed, but fast only with many cores)
 # 1. kernel tests: Triton thought attention vs its PyTorch reference, odd shapes and real sizes (L=2048, S=16)
 # 2. a whole-model training step on CUDA under bf16/fp16 autocast and with bf16 weights, Triton vs torch backend
 # 3. thought-attention benchmark at L=2048, S=16 (bf16)
@@ -42,6 +44,8 @@ step() {  # step NAME SECONDS COMMAND...
   [ "$rc" -eq 0 ] || failed=1
 }
 
+step "autotune configs: every kept config compiles for sm_80/sm_90 and fits" 900 \
+  "$PYTHON" -m pytest -q -p no:cacheprovider -m slow tests/test_triton_compile.py
 step "kernel tests (odd shapes + real sizes)" 150 \
   "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_thought_attention.py
 step "model training step on CUDA: autocast bf16/fp16, bf16 weights, Triton vs torch" 60 \

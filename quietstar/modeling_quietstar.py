@@ -681,6 +681,15 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
                 f"`labels` {tuple(labels.shape)} must have the shape of `input_ids` {tuple(input_ids.shape)}: one "
                 "target per input token, unshifted (the model shifts them), -100 where nothing is scored."
             )
+        markers = [marker for marker in self.marker_ids if marker is not None]
+        if labels is not None and markers and not torch.compiler.is_compiling():
+            marked = torch.isin(labels, torch.tensor(markers, device=labels.device))
+            if marked.any():  # banned from every distribution: its log-prob is -inf and the loss nan
+                raise ValueError(
+                    f"`labels` holds the thought-marker token id {labels[marked][0].item()}: the markers are never "
+                    "predicted (banned in every distribution), so its log-probability is -inf and the loss nan. Set "
+                    "those positions of `labels` to -100 (ignored)."
+                )
 
     def _check_inputs(self, input_ids, attention_mask, labels, thought_ids) -> None:
         config = self.config

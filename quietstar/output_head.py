@@ -110,9 +110,16 @@ class _LinearLogProbSum(torch.autograd.Function):
 
     Returns (the weighted sum, a scalar; the log-probabilities (R,), without gradient). Backward only scales the saved
     dh, dW, db by the incoming gradient: each chunk's logits are formed once instead of twice (a backward that
-    recomputes them), for a V x H float32 weight gradient held from forward to backward. The coefficients c (R,) are
+    recomputes them), for a V x H weight gradient held from forward to backward. The coefficients c (R,) are
     constants, known in forward (the objective's weights and advantages, objective.py). Autocast: the matmuls run in
-    the autocast dtype, as autograd would run the backward of an autocast `F.linear`."""
+    the autocast dtype, as autograd would run the backward of an autocast `F.linear`.
+
+    Range. Autograd multiplies the incoming gradient (policy_weight, 1e6 in the paper, times GradScaler's loss scale)
+    in before anything is rounded to half precision; here it arrives only in backward. REINFORCE's c are tiny
+    (advantage / (count * T)), so d/dz rounded to fp16 as it is would underflow to 0, and 1e6 rounded to fp16 is inf.
+    So every buffer is held normalised, with a float32 power-of-two scale beside it (`_normalised`, exact): a
+    half-precision matmul operand or stored gradient has its largest entry in [1, 2), and backward applies
+    scale * incoming gradient in float32 (`_scale_chunks_`), rounding once to the stored dtype."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, coefficients, scale, temperature, banned_ids, chunk_rows):
@@ -121,12 +128,15 @@ class _LinearLogProbSum(torch.autograd.Function):
         banned = torch.tensor(list(banned_ids), dtype=torch.long, device=hidden.device)
         device_type = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        half = compute_dtype.itemsize < 4  # fp16 / bf16 matmuls: normalise their operands (class docstring, Range)
         compute_weight = weight.to(compute_dtype)
-        log_probs = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        n_rows = hidden.shape[0]
+        log_probs = hidden.new_empty(n_rows, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        chunk_scales = hidden.new_ones(-(-n_rows // chunk_rows), dtype=torch.float32)  # of each chunk's normalised d/dz
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs_bias else None
-        for start in range(0, hidden.shape[0], chunk_rows):
+        for chunk, start in enumerate(range(0, n_rows, chunk_rows)):
             rows = slice(start, start + chunk_rows)
             logits = _scaled_logits(head, hidden[rows], temperature, banned)
             lse = logits.logsumexp(dim=-1, keepdim=True)
@@ -135,21 +145,29 @@ class _LinearLogProbSum(torch.autograd.Function):
             grad_logits = logits.sub_(lse).exp_().mul_(-coefficient)  # -c * softmax
             grad_logits.scatter_add_(-1, targets[rows, None], coefficient)  # + c * onehot(target)
             grad_logits.index_fill_(-1, banned, 0.0)  # banned logits are constants (-inf), even as a target
-            grad_logits.mul_(scale / temperature)  # (C, V): d sum / d (h W^T + b)
+            grad_logits.mul_(scale / temperature)  # (C, V): d sum / d (h W^T + b), float32
             if needs_bias:
                 grad_bias += grad_logits.sum(dim=0)
-            grad_logits = grad_logits.to(compute_dtype)
-            if needs_hidden:
+            if half:
+                grad_logits, chunk_scales[chunk] = _normalised(grad_logits, compute_dtype)
+            else:
+                grad_logits = grad_logits.to(compute_dtype)
+            if needs_hidden:  # normalised, a row of d/dz sums to at most 4 in |.|: dh stays within |W|'s range
                 grad_hidden[rows] = (grad_logits @ compute_weight).to(hidden.dtype)
             if needs_weight and compute_dtype == torch.float32:  # in place: no V x H temporary per chunk
                 grad_weight.addmm_(grad_logits.T, hidden[rows].float())
+            elif needs_weight and half:  # h normalised too: a column sum over C rows stays far below fp16's 65504
+                chunk_hidden, hidden_scale = _normalised(hidden[rows].to(torch.float32, copy=True), compute_dtype)
+                grad_weight.addcmul_(grad_logits.T @ chunk_hidden, chunk_scales[chunk] * hidden_scale)  # in float32
             elif needs_weight:
                 grad_weight += (grad_logits.T @ hidden[rows].to(compute_dtype)).float()
-        ctx.grads = (
-            grad_hidden,
-            grad_weight.to(weight.dtype) if needs_weight else None,
-            grad_bias.to(bias.dtype) if needs_bias else None,
-        )
+        weight_scale = bias_scale = None
+        if needs_weight:  # held until backward in the weight's dtype, normalised (fp16 weights: no underflow)
+            grad_weight, weight_scale = _normalised(grad_weight, weight.dtype)
+        if needs_bias:
+            grad_bias, bias_scale = _normalised(grad_bias, bias.dtype)
+        ctx.grads = ((grad_hidden, chunk_scales), (grad_weight, weight_scale), (grad_bias, bias_scale))
+        ctx.chunk_rows = chunk_rows
         ctx.mark_non_differentiable(log_probs)
         return _weighted_sum(coefficients.float(), log_probs), log_probs
 
@@ -160,9 +178,33 @@ class _LinearLogProbSum(torch.autograd.Function):
                 "backward through a weighted log-prob sum ran twice: its gradient is formed once, in forward, and freed "
                 "by the first backward. Compute the loss again instead of retain_graph=True."
             )
-        grads = tuple(None if grad is None else grad.mul_(grad_sum.to(grad.dtype)) for grad in ctx.grads)  # ours
+        grad_sum = grad_sum.float()
+        grads = tuple(
+            None if grad is None else _scale_chunks_(grad, grad_scale * grad_sum, ctx.chunk_rows)
+            for grad, grad_scale in ctx.grads
+        )
         ctx.grads = None  # hand the buffers over now, not when the graph goes
         return *grads, None, None, None, None, None, None
+
+
+def _normalised(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """float32 x -> (x / s in `dtype`, s), x divided in place: s a 0-d float32 power of two with max |x / s| in [1, 2),
+    so the division is exact and the largest entries keep half precision's full resolution, far from its under- and overflow; s = 1 for
+    an all-zero x. Computed on the device (no host sync)."""
+    largest = x.abs().amax()
+    scale = torch.where(largest > 0, torch.exp2(torch.floor(torch.log2(largest))), 1.0)
+    return x.div_(scale).to(dtype), scale
+
+
+def _scale_chunks_(buffer: Tensor, factors: Tensor, chunk_rows: int = CHUNK_ROWS) -> Tensor:
+    """buffer[chunk k] *= factors[k] in place, the product formed in float32 or wider and rounded once to the buffer's
+    dtype: a half-precision buffer holds a normalised gradient and its factor (scale * policy_weight * loss scale) may
+    lie outside fp16's range. Chunk by chunk: no full-size float32 temporary. buffer (R, ...), factors (ceil(R / C),)
+    or one 0-d factor for all."""
+    for chunk, start in enumerate(range(0, buffer.shape[0], chunk_rows)):
+        part = buffer[start : start + chunk_rows]
+        part.copy_(part.to(torch.promote_types(part.dtype, torch.float32)) * (factors[chunk] if factors.ndim else factors))
+    return buffer
 
 
 def _weighted_sum(coefficients: Tensor, log_probs: Tensor) -> Tensor:

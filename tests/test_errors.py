@@ -130,6 +130,8 @@ def test_a_cache_that_cannot_drop_thoughts_is_refused():
         (lambda m, ids: m(ids, labels=ids.float()), "`labels` must hold integer token ids"),
         (lambda m, ids: m(ids, labels=ids * 0 - 5), "`labels` holds token id -5.*-100 \\(ignored\\) or in \\[0, 66\\)"),
         (lambda m, ids: m(ids, thought_ids=torch.full((1, 2, 6, 3), 70)), "`thought_ids` holds token id 70"),
+        (lambda m, ids: m(ids, labels=ids.index_fill(1, torch.tensor([3]), 65)),
+         "`labels` holds the thought-marker token id 65.*-inf.*Set those positions of `labels` to -100"),
     ],
 )
 def test_bad_token_inputs(call, message):

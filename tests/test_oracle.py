@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import BASE_CONFIGS, make_model, random_text
 
@@ -34,6 +35,22 @@ def plain_model_on_explicit_sequences(model, input_ids, thought_ids):
 @pytest.mark.parametrize("arch", sorted(BASE_CONFIGS))
 def test_thought_pass_equals_plain_model_on_explicit_sequences(arch):
     model, _ = make_model(arch, thought_length=3, n_thoughts=2, lookahead=3)
+    assert_thought_pass_equals_the_oracle(model)
+
+
+def test_a_model_loaded_with_hub_kernels_on_equals_the_oracle(tmp_path, monkeypatch):
+    """transformers >= 5.25 kernelizes every model in `from_pretrained` when the `kernels` package is installed, as a
+    fresh install now resolves it (unless USE_HUB_KERNELS=NO): the model users get that way still equals the oracle."""
+    pytest.importorskip("kernels")
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)  # the default: kernels on
+    model, _ = make_model("llama", thought_length=3, n_thoughts=2, lookahead=3)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model) and getattr(loaded, "use_kernels", True)  # loaded as users load it, kernelized
+    assert_thought_pass_equals_the_oracle(loaded)
+
+
+def assert_thought_pass_equals_the_oracle(model):
     T, A = model.config.thought_length, model.config.lookahead
     input_ids = random_text(2, 7)
     thought_ids = random_text(2 * 2 * 7, T, seed=1).reshape(2, 2, 7, T)

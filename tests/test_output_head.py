@@ -99,37 +99,54 @@ def test_weighted_log_prob_sum_of_a_frozen_head_gives_only_the_hidden_gradient_a
         total.backward()
 
 
+def scaled_backward(total, inputs, incoming):
+    """Gradients of `total` as a training step forms them: "unit" plain; "policy-weight-1e6" through the paper's
+    policy_weight; "grad-scaler" through torch.amp.GradScaler's loss scale (2**16), unscaled afterwards as its
+    `unscale_` does (done by hand: it refuses fp16 parameters)."""
+    if incoming == "grad-scaler":
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        return [g / scaler.get_scale() for g in torch.autograd.grad(scaler.scale(total), inputs)]
+    return torch.autograd.grad(total * (1e6 if incoming == "policy-weight-1e6" else 1.0), inputs)
+
+
 @pytest.mark.parametrize("path", ["per-token", "weighted-sum"])
-@pytest.mark.parametrize("low_precision", ["autocast", "bf16-weights"])
-def test_log_probs_in_bfloat16_match_the_naive_computation_in_the_same_precision(low_precision, path):
-    """Under CPU autocast over fp32 weights and with bf16 weights (a bf16 model), per-token log-probs (chunks
-    recomputed in backward) and the weighted sum (gradient formed in forward, matmuls in the forward's dtype):
+@pytest.mark.parametrize("incoming", ["unit", "policy-weight-1e6", "grad-scaler"])
+@pytest.mark.parametrize("low_precision", ["bf16-autocast", "bf16-weights", "fp16-autocast", "fp16-weights"])
+def test_log_probs_in_half_precision_match_the_naive_computation_in_the_same_precision(low_precision, incoming, path):
+    """Under CPU autocast over fp32 weights and with bf16 / fp16 weights (a half-precision model), per-token log-probs
+    (chunks recomputed in backward) and the weighted sum (gradient formed in forward, matmuls in the forward's dtype):
     against autograd through the naive full-vocabulary log-softmax in the same precision, both against the fp64
-    truth, the error is within 2x of the naive computation's."""
+    truth, the error is within 2x of the naive computation's. "policy-weight-1e6" and "grad-scaler": coefficients of
+    REINFORCE's size (advantage / (count * T), ~1e-7), whose gradient only the incoming factor lifts into fp16's range
+    (the weighted sum's used to underflow to 0 under fp16 autocast and become inf with fp16 weights)."""
+    half = torch.bfloat16 if low_precision.startswith("bf16") else torch.float16
+    autocast = low_precision.endswith("autocast")
     truth_head = make_head()
-    dtype = torch.float32 if low_precision == "autocast" else torch.bfloat16
+    dtype = torch.float32 if autocast else half
     head = OutputHead(truth_head.weight.detach().to(dtype).requires_grad_(), None, scale=1.3)
     truth_head = OutputHead(truth_head.weight.detach().clone().requires_grad_(), None, scale=1.3)
     hidden = torch.randn(40, 12, dtype=dtype, requires_grad=True)
     targets = torch.randint(5, 37, (40,))
     targets[targets == 17] = 18  # no banned target: its -inf would make every error nan
-    coefficients = torch.randn(40)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision == "autocast"):
+    coefficients = torch.randn(40) * (1.0 if incoming == "unit" else 1e-7)
+    with torch.autocast("cpu", dtype=half, enabled=autocast):
         if path == "per-token":
             values = token_log_probs(head, hidden, targets, temperature=0.7, banned_ids=BANNED, chunk_rows=16)
             total = (coefficients * values).sum()
         else:
             total, values = HeadLogProbs(head, hidden, targets, 0.7, BANNED, chunk_rows=16).weighted_sum(coefficients)
         naive = naive_log_probs(head.logits(hidden), targets, temperature=0.7)
-    grads = torch.autograd.grad(total, [hidden, head.weight])
-    naive_grads = torch.autograd.grad((coefficients * naive).sum(), [hidden, head.weight])
+    grads = scaled_backward(total, [hidden, head.weight], incoming)
+    naive_grads = scaled_backward((coefficients * naive).sum(), [hidden, head.weight], incoming)
     truth_hidden = hidden.detach().double().requires_grad_()
     truth = naive_log_probs(truth_head.logits(truth_hidden), targets, temperature=0.7)
-    truth_grads = torch.autograd.grad((coefficients.double() * truth).sum(), [truth_hidden, truth_head.weight])
+    truth_grads = scaled_backward((coefficients.double() * truth).sum(), [truth_hidden, truth_head.weight], incoming)
     assert (values - truth).abs().max() <= 2 * (naive - truth).abs().max() + 1e-6
     for c, n, t in zip(grads, naive_grads, truth_grads):
-        assert c.dtype == n.dtype
-        assert (c.double() - t).abs().max() <= 2 * (n.double() - t).abs().max() + 1e-6
+        assert c.dtype == n.dtype and torch.isfinite(c).all()
+        error, naive_error = (c.double() - t).abs().max(), (n.double() - t).abs().max()
+        one_ulp = torch.finfo(half).eps * t.abs().max()  # a rounding-level allowance: the two differ by chance there
+        assert error <= 2 * naive_error + one_ulp, f"error {error:.3g}, naive's {naive_error:.3g}"
 
 
 @pytest.mark.parametrize("softcap", [None, 4.0], ids=["linear-mixes-hidden-states", "softcap-mixes-logits"])

@@ -1,7 +1,7 @@
 """The CPU thought attention (attention_cpu.py: torch's fused CPU attention kernel for the text part, merged by
 log-sum-exp with the own chain) against the PyTorch reference: fp64 to 1e-10, forward and backward, on odd shapes
-(GQA, lengths that are not block multiples, streaming offsets, strided inputs); bf16 error within 2x of the
-reference's own bf16 error against the fp64 truth."""
+(GQA, lengths that are not block multiples, streaming offsets, strided inputs); bf16 and fp16 error within 2x of
+the reference's own error in the same precision against the fp64 truth, for tiny, unit and loss-scaled gradients."""
 
 import pytest
 import torch
@@ -41,24 +41,31 @@ def test_strided_inputs_equal_contiguous_ones():
     torch.testing.assert_close(strided, thought_attention(*args, step_offset=1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grad_scale", [1e-5, 1.0, 2.0**10], ids=["tiny-grad", "unit-grad", "loss-scaled-grad"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", ["teacher_forced_gqa_9_3_odd_L", "gqa_3_over_1_long_L_70"])
-def test_bfloat16_error_within_twice_the_references(case):
+def test_half_precision_error_within_twice_the_references(case, dtype, grad_scale):
+    """bf16 and fp16 inputs, the incoming gradient tiny (REINFORCE-sized), unit, or lifted by a GradScaler-sized loss
+    scale (2**10: its gradients stay below fp16's 65504, as GradScaler keeps them): every output's error against
+    the fp64 truth is within 2x of the reference's in the same precision
+    (+ 1e-3 of the largest true entry: rounding level)."""
     *shape, step_offset = CPU_CASES[case]
     truth_inputs = random_inputs(*shape)
-    low = [t.detach().bfloat16().requires_grad_() for t in truth_inputs]
+    low = [t.detach().to(dtype).requires_grad_() for t in truth_inputs]
     truth = thought_attention(*truth_inputs, step_offset=step_offset)
-    grad_out = torch.randn_like(truth)
+    grad_out = torch.randn_like(truth) * grad_scale
     truth_grads = torch.autograd.grad(truth, truth_inputs, grad_out)
     errors = {}
     for name, function in (("cpu", thought_attention_cpu), ("reference", thought_attention)):
         out = function(*low, step_offset=step_offset)
-        assert out.dtype == torch.bfloat16
-        grads = torch.autograd.grad(out, low, grad_out.bfloat16())
+        assert out.dtype == dtype
+        grads = torch.autograd.grad(out, low, grad_out.to(dtype))
         errors[name] = [(out.double() - truth).abs().max()] + [
             (g.double() - t).abs().max() for g, t in zip(grads, truth_grads)
         ]
-    for cpu_error, reference_error in zip(errors["cpu"], errors["reference"]):
-        assert cpu_error <= 2 * reference_error + 1e-3
+    largest = [truth.abs().max()] + [t.abs().max() for t in truth_grads]
+    for cpu_error, reference_error, size in zip(errors["cpu"], errors["reference"], largest):
+        assert torch.isfinite(cpu_error) and cpu_error <= 2 * reference_error + 1e-3 * size
 
 
 def test_cuda_tensors_are_refused_with_a_pointer_to_auto():

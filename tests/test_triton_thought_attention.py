@@ -34,13 +34,13 @@ def run(fn, inputs, grad_out, step_offset):
 @pytest.mark.kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_kernel_error_within_twice_the_low_precision_reference_error(shape, dtype):
+def test_kernel_error_within_twice_the_low_precision_reference_error(shape, dtype, grad_scale=1.0):
     batch, n, hq, hkv, length, sq, sk, d, step_offset = SHAPES[shape]
     generator = torch.Generator().manual_seed(0)
     sizes = [(batch, n, hq, length, sq, d), (batch, hkv, length, d), (batch, hkv, length, d),
              (batch, n, hkv, length, sk, d), (batch, n, hkv, length, sk, d)]
     inputs = [torch.randn(size, generator=generator).to(DEVICE, dtype) for size in sizes]
-    grad_out = torch.randn(sizes[0], generator=generator).to(DEVICE)
+    grad_out = torch.randn(sizes[0], generator=generator).to(DEVICE) * grad_scale
 
     truth_dtype = torch.float64 if dtype == torch.float32 else torch.float32
     truth = run(triton_kernels.thought_attention_ref, [t.to(truth_dtype) for t in inputs], grad_out, step_offset)
@@ -54,6 +54,15 @@ def test_kernel_error_within_twice_the_low_precision_reference_error(shape, dtyp
         assert kernel_error <= 2 * low_error + rounding, (
             f"{name}: kernel error {kernel_error:.3e} > 2 x reference error {low_error:.3e} + {rounding:.3e}"
         )
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("grad_scale", [1e-5, 2.0**10], ids=["tiny-grad", "loss-scaled-grad"])
+def test_kernel_error_in_fp16_with_tiny_and_loss_scaled_gradients(grad_scale):
+    """fp16, the incoming gradient REINFORCE-sized (1e-5) or lifted by a GradScaler-sized loss scale (2**10: the
+    gradients stay below fp16's 65504, as GradScaler keeps them): the same 2x rule. The kernels take dO first and
+    accumulate in fp32, so nothing is rounded to fp16 before the incoming gradient is in. (bf16 has fp32's range.)"""
+    test_kernel_error_within_twice_the_low_precision_reference_error("teacher_forced_gqa_9_3", torch.float16, grad_scale)
 
 
 REAL_SIZES = {

@@ -21,6 +21,8 @@ Dimensions: B batch, N thoughts, Hq / Hkv query / key-value heads (GROUP = Hq / 
 Sk own chain steps, D head dim (padded to a power of two >= 16 inside the kernels).
 """
 
+import functools
+import json
 import os
 
 import torch
@@ -45,24 +47,76 @@ def _configs(block_ms, block_ns, stages, warps):
     ]
 
 
-# Autotuning space: 128x64 / 128x128 tiles with 3-4 stages suit Hopper's larger shared memory; 64x64 with 2-3 stages
-# suits Ampere. Under pytest (and the CPU interpreter) one small pinned config keeps runs fast and reproducible.
+# Autotuning spaces, written for Hopper's larger shared memory (128-row tiles, 3-4 stages) and Ampere (64x64, 2-3
+# stages); on either most of them spill registers, and the pruning below keeps only the ones that do not. Under pytest
+# (and the CPU interpreter) one small pinned config keeps runs fast and reproducible.
+FWD_SPACE = _configs([64, 128], [32, 64, 128], [2, 3, 4], [4, 8])
+BWD_SPACE = _configs([32, 64], [32, 64, 128], [2, 3], [4, 8])
 if INTERPRET or "PYTEST_VERSION" in os.environ:
     FWD_CONFIGS = BWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_stages=1, num_warps=4)]
 else:
-    FWD_CONFIGS = _configs([64, 128], [32, 64, 128], [2, 3, 4], [4, 8])
-    BWD_CONFIGS = _configs([32, 64], [32, 64, 128], [2, 3], [4, 8])
+    FWD_CONFIGS, BWD_CONFIGS = FWD_SPACE, BWD_SPACE
 
 
-def _keep(config: triton.Config, head_dim: int) -> bool:
-    """Skip tiles that cannot fit in registers with large heads."""
-    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return not (head_dim >= 128 and block_m * block_n > 128 * 64)
+# Which tiles the autotuner may try. Every config of the spaces above was compiled ahead of time for sm_80 and sm_90,
+# bf16, head dims 64 and 128 (benchmarks/autotune_fit.py; benchmarks/RESULTS.md, "Autotune configs"): shared memory
+# stays below the per-block limits (at most 113 KiB; A100 allows 163 KiB), but registers run out: past a thread's
+# 255 ptxas spills to local memory (up to 50 KB a thread), slower than a smaller tile. Which configs spill is no simple
+# function of the tile (a 32x32 dK/dV tile with 8 warps spilled at D=64 on sm_80, not at D=128), so the configs
+# measured to compile without spills are listed in `TILES_WITHOUT_SPILLS` (tiles_without_spills.json, written by
+# autotune_fit.py --write-table from the sweeps' CSVs in benchmarks/runs/autotune), by kernel, sm, element bytes
+# (fp16 shares bf16's entries; fp32 has its own, from the configs the estimate below kept) and padded head dim, and only
+# they are tried. Where nothing was measured (other head dims or GPUs) an estimate of the registers a thread keeps
+# live decides,
+#     (fp32 tiles + element_bytes / 4 * input tiles) / (32 * num_warps)    (the tiles in `_live_tiles`),
+# against RULE_BUDGET: per kernel the largest estimate below the smallest one that spilled in bf16.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiles_without_spills.json")) as _file:
+    TILES_WITHOUT_SPILLS = json.load(_file)  # kernel -> sm -> element bytes -> head dim -> ["MxN/stages/warps", ...]
+RULE_BUDGET = {"fwd": 80, "bwd_dq": 64, "bwd_dkdv_text": 0, "bwd_dkdv_own": 56}  # 0: even the smallest tile spilled
+_ELEMENT_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
-def _prune(configs, named_args, **kwargs):
-    kept = [c for c in configs if _keep(c, kwargs["HEAD_DIM"])]
-    return kept or configs[:1]
+def _live_tiles(kernel: str, block_m: int, block_n: int, head_dim: int) -> tuple[int, int]:
+    """(fp32 elements, input-dtype elements) a program keeps live: accumulators and score tiles in fp32; q, k, v, dO."""
+    rows, keys, scores = block_m * head_dim, block_n * head_dim, block_m * block_n
+    if kernel == "fwd":  # acc, s/p; q, k, v
+        return rows + scores, rows + 2 * keys
+    if kernel == "bwd_dq":  # dq, p and dp/ds; q, dO, k, v
+        return rows + 2 * scores, 2 * rows + 2 * keys
+    return 2 * keys + 2 * scores, 2 * keys + 2 * rows  # bwd_dkdv_*: dk, dv, p and dp/ds; k, v, q, dO
+
+
+def _tile_registers(config: triton.Config, kernel: str, head_dim: int, element_bytes: int) -> float:
+    """The estimated 32-bit registers a thread of `config` of `kernel` keeps live (see RULE_BUDGET)."""
+    fp32, inputs = _live_tiles(kernel, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], head_dim)
+    return (fp32 + element_bytes / 4 * inputs) / (32 * config.num_warps)
+
+
+def _tile_name(config: triton.Config) -> str:
+    """"MxN/stages/warps", as in TILES_WITHOUT_SPILLS."""
+    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}/{config.num_stages}/{config.num_warps}"
+
+
+def _keep_tile(config: triton.Config, kernel: str, head_dim: int, element_bytes: int, arch: int) -> bool:
+    """Whether `config` of `kernel` compiles without register spills at this padded head dim, element size and
+    compute capability (major * 10 + minor): measured where TILES_WITHOUT_SPILLS has it, else estimated."""
+    measured = TILES_WITHOUT_SPILLS.get(kernel, {}).get(str(arch), {}).get(str(element_bytes), {}).get(str(head_dim))
+    if measured is not None:
+        return _tile_name(config) in measured
+    return _tile_registers(config, kernel, head_dim, element_bytes) <= RULE_BUDGET[kernel]
+
+
+def _kept_configs(configs, kernel: str, head_dim: int, element_bytes: int, arch: int) -> list:
+    """The configs that fit in registers; if none does (fp32 with large heads), the one with the fewest."""
+    kept = [c for c in configs if _keep_tile(c, kernel, head_dim, element_bytes, arch)]
+    return kept or [min(configs, key=lambda c: _tile_registers(c, kernel, head_dim, element_bytes))]
+
+
+def _prune(configs, named_args, *, kernel, **kwargs):
+    """Autotune `early_config_prune`: `_kept_configs` on this GPU, before any config is compiled or timed."""
+    q = named_args["Q"]
+    major, minor = torch.cuda.get_device_capability(q.device) if q.is_cuda else (8, 0)  # interpreter: any
+    return _kept_configs(configs, kernel, kwargs["HEAD_DIM"], _ELEMENT_BYTES[q.dtype], major * 10 + minor)
 
 
 @triton.jit
@@ -132,7 +186,8 @@ def _fwd_inner(acc, m_i, l_i, q, rows, d, K, V, lo, hi, N_COLS, SQ, SK, step_off
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["L", "SQ", "SK", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=FWD_CONFIGS, key=["L", "SQ", "SK", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": functools.partial(_prune, kernel="fwd")})
 @triton.jit
 def _thought_attn_fwd(
     Q, K_TEXT, V_TEXT, K_OWN, V_OWN, O, LSE,
@@ -189,7 +244,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, rows, d, K, V, lo, hi, N_COLS, SQ, SK,
     return dq
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["L", "SQ", "SK", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=BWD_CONFIGS, key=["L", "SQ", "SK", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": functools.partial(_prune, kernel="bwd_dq")})
 @triton.jit
 def _thought_attn_bwd_dq(
     Q, K_TEXT, V_TEXT, K_OWN, V_OWN, DO, LSE, DELTA, DQ,
@@ -248,7 +304,8 @@ def _bwd_kv_inner(dk, dv, k, v, cols, d, Q, DO, LSE, DELTA, row_lo, row_hi, N_CO
     return dk, dv
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["L", "SQ", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=BWD_CONFIGS, key=["L", "SQ", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": functools.partial(_prune, kernel="bwd_dkdv_text")})
 @triton.jit
 def _thought_attn_bwd_dkdv_text(
     Q, K_TEXT, V_TEXT, DO, LSE, DELTA, DK, DV,
@@ -286,7 +343,8 @@ def _thought_attn_bwd_dkdv_text(
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["L", "SQ", "SK", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=BWD_CONFIGS, key=["L", "SQ", "SK", "HEAD_DIM"],
+                 prune_configs_by={"early_config_prune": functools.partial(_prune, kernel="bwd_dkdv_own")})
 @triton.jit
 def _thought_attn_bwd_dkdv_own(
     Q, K_OWN, V_OWN, DO, LSE, DELTA, DK, DV,
