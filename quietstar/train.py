@@ -238,8 +238,9 @@ def run_stage(
 
 def _thought_record(example: dict, thought: list[int], tokenizer) -> dict:
     """The held-out item's text before its first labelled token, that token, and the thought written before it."""
-    first = next(k for k, label in enumerate(example["labels"]) if k > 0 and label != -100)
-    ids = list(example["input_ids"])
+    ids = [int(i) for i in example["input_ids"]]
+    labels = example.get("labels", ids)  # held-out windows: every token is a target (WindowCollator)
+    first = next(k for k, label in enumerate(labels) if k > 0 and label != -100)
     return {
         "context": tokenizer.decode(ids[max(0, first - 12) : first]),
         "thought": tokenizer.decode(thought),
