@@ -217,10 +217,11 @@ def test_controls_on_the_default_path_report_four_numbers(tiny_base, text_file, 
     assert main(["train", *as_arguments(overrides)]) == 0
     printed = capsys.readouterr().out
     report = json.loads((output_dir / "report.json").read_text())
-    assert report["steps"] == {"thinking": 4, "control": 4, "control-flops": 4 * 39 // 3}  # T 2, N 2, A 2: 39/3
+    # T 2, N 2, A 2: (3 + N T + 3 N (T + A + 1)) / 3 = 37 / 3 plain steps per thinking step
+    assert report["steps"] == {"thinking": 4, "control": 4, "control-flops": 50}
     assert report["items"] == 4 and report["gain"]["versus"] in ("control", "control-flops")
     assert "| control-flops |" in printed and "gain of thinking over the better control" in printed
-    for name, steps in (("control", 4), ("control-flops", 52)):
+    for name, steps in (("control", 4), ("control-flops", 50)):
         control = AutoModelForCausalLM.from_pretrained(output_dir / name)
         assert not isinstance(control, quietstar.QuietStarForCausalLM)
         state = json.loads(sorted((output_dir / name).glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
