@@ -215,7 +215,7 @@ def run_stage(
                 raise RuntimeError(
                     f"stage {stage.name!r} ended at step {trainer.state.global_step} without reaching {stop.metric} "
                     f"{stop.target} (last evaluation: {stop.last}). Its checkpoints are in {output_dir}: rerun with "
-                    "--resume and more steps (--training.max_steps), or another --training.seed."
+                    f"--resume and more steps (--stages.{stage.name}.training.max_steps N), or another --training.seed."
                 )
         after = trainer.evaluate(metric_key_prefix="after") if eval_set else {}
     finally:
