@@ -165,7 +165,9 @@ def build_datasets(
 
 
 class WindowCollator:
-    """Stacks examples into a right-padded batch: input_ids, attention_mask (B, l) and labels (-100 at padding)."""
+    """Stacks examples into a right-padded batch: input_ids, attention_mask, labels (B, l). Labels are the example's
+    own `labels` when it has them (a task's prompt/completion examples: -100 off the completion), else its tokens;
+    -100 at padding."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -174,11 +176,12 @@ class WindowCollator:
         length = max(len(example["input_ids"]) for example in examples)
         input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+        labels = torch.full((len(examples), length), -100, dtype=torch.long)
         for row, example in enumerate(examples):
             ids = torch.as_tensor(example["input_ids"])
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
+            labels[row, : len(ids)] = torch.as_tensor(example.get("labels", ids))
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -37,7 +37,7 @@ from .data import WindowCollator, build_datasets, pad_token_id
 from .default_base import convert_gguf, default_base_path, default_cache_dir
 from .modeling_quietstar import QuietStarForCausalLM
 from .plots import line_plot
-from .tasks import CompletionCollator, load_task
+from .tasks import load_task
 from .train_config import Stage, TrainConfig, load_train_config, parse_overrides
 from .trainer import JsonlMetricsCallback, QuietStarTrainer, QuietStarTrainingArguments, StopAtMetric
 
@@ -174,8 +174,9 @@ def run_stage(
     args = QuietStarTrainingArguments(**training)
     set_seed(args.seed)  # before the model: the mixing head (and a task's from-scratch model) is initialised here
     quietstar_fields = {**config.quietstar, **stage.quietstar}
-    if source is None and task is not None and task.tokenizer() is not None:
-        tokenizer = task.tokenizer()
+    own_tokenizer = task.tokenizer() if source is None and task is not None else None  # a task's from-scratch model
+    if own_tokenizer is not None:
+        tokenizer = own_tokenizer
         model = task.base_model(tokenizer)
         if stage.thinking:
             model, tokenizer = QuietStarForCausalLM.from_base(model, tokenizer, **quietstar_fields)
@@ -261,7 +262,7 @@ def _held_out(config: TrainConfig, task, stage: Stage, tokenizer, lookahead: int
     """(examples, collator) of a held-out split: the task's ("validation" keeps the best checkpoint, "test" is
     reported), or the config's held-out windows for both."""
     if task is not None:
-        return task.examples(split, stage.data, None, tokenizer), CompletionCollator(pad_token_id(tokenizer))
+        return task.examples(split, stage.data, None, tokenizer), WindowCollator(pad_token_id(tokenizer))
     _, eval_set = build_datasets(config.data, tokenizer, lookahead)
     return eval_set, WindowCollator(pad_token_id(tokenizer))
 

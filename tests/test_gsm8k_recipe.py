@@ -106,10 +106,10 @@ def test_short_run_keeps_the_best_checkpoint_and_reports_the_controls(tiny_base,
     with_thoughts = report["models"]["with thoughts"]
     task = Gsm8kTask(data=str(data), test_items=2)
     from quietstar.comparison import score_items
-    from quietstar.tasks import CompletionCollator
+    from quietstar.data import WindowCollator
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    items = score_items(model, task.examples("test", None, None, tokenizer), CompletionCollator(tokenizer.pad_token_id or 0), 2)
+    items = score_items(model, task.examples("test", None, None, tokenizer), WindowCollator(tokenizer.pad_token_id or 0), 2)
     assert sum(items["nll"]) / sum(items["tokens"]) == pytest.approx(with_thoughts["nll"], rel=1e-5)
     control = AutoModelForCausalLM.from_pretrained(out / "control")
     assert type(control).__name__ == "LlamaForCausalLM" and (out / "control-flops" / "model.safetensors").exists()

@@ -16,7 +16,6 @@ Examples are prompt + completion texts, labelled on the completion (as TRL's pro
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 
@@ -53,27 +52,6 @@ class LazyExamples(Sequence):
         return self.make(index % self.n)
 
 
-class CompletionCollator:
-    """Right-pads {"input_ids", "labels"} examples (lists or tensors) into input_ids, attention_mask, labels (B, L)."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(example["input_ids"]) for example in examples)
-        batch = {
-            "input_ids": torch.full((len(examples), length), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
-            "labels": torch.full((len(examples), length), -100, dtype=torch.long),
-        }
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            batch["input_ids"][row, :n] = torch.as_tensor(example["input_ids"])
-            batch["attention_mask"][row, :n] = 1
-            batch["labels"][row, :n] = torch.as_tensor(example["labels"])
-        return batch
-
-
 def task_classes() -> dict[str, type]:
     from .gsm8k import Gsm8kTask
     from .multihop import MultihopTask
@@ -95,4 +73,4 @@ def load_task(section: dict):
         raise ValueError(f"task {name}: {error}; its fields are {fields}.") from None
 
 
-__all__ = ["encode_completion", "LazyExamples", "CompletionCollator", "load_task", "task_classes"]
+__all__ = ["encode_completion", "LazyExamples", "load_task", "task_classes"]
