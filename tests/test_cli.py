@@ -1,7 +1,9 @@
 """The `quietstar` console command: parsing, and `convert` on a GGUF file written here (no download)."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +28,13 @@ def test_convert_reports_a_missing_gguf_file(tmp_path, capsys):
 def test_cli_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "quietstar.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "convert" in result.stdout
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject.toml lists its packages by hand: a subpackage left out (quietstar.tasks once was) installs nowhere but
+    in an editable checkout, and `quietstar train multihop` fails on a user's machine."""
+    root = Path(__file__).resolve().parents[1]
+    line = re.search(r"^packages = \[(.*)\]$", (root / "pyproject.toml").read_text(), re.M).group(1)  # no tomllib on 3.10
+    listed = set(re.findall(r'"([\w.]+)"', line))
+    found = {".".join(p.parent.relative_to(root).parts) for p in root.glob("quietstar/**/__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
