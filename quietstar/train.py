@@ -4,8 +4,8 @@ path: the default run, the recipes and their no-thought controls all go through 
     quietstar train [CONFIG] [--output-dir DIR] [--resume [CHECKPOINT]] [--section.key VALUE ...]
 
 CONFIG is a YAML file or the name of a bundled config: `default` (SmolLM2-135M-Instruct on the built-in arithmetic
-problems, CPU-sized), `paper_gpu`, or a recipe: `multihop` (a task and three stages, from scratch), `gsm8k` (SmolLM2
-on GSM8K solutions, `--data DIR`). A stage: evaluate the held-out set, train with `QuietStarTrainer`
+problems, CPU-sized), `paper_gpu`, or a recipe: `multihop` (a task and three stages, from scratch), `multiply`
+(SmolLM2, the hundreds digit of a two-digit product, three stages), `gsm8k` (SmolLM2 on GSM8K solutions, `--data DIR`). A stage: evaluate the held-out set, train with `QuietStarTrainer`
 (`metrics.jsonl`, checkpoints every `save_steps`, keep-best when the config asks), evaluate again, save the model and
 tokenizer (`save_pretrained`: loads with `AutoModelForCausalLM.from_pretrained`). Stages run in order, each from the
 previous one's model; the last one is saved in the output directory, the others in subdirectories named after them.
@@ -327,7 +327,7 @@ def add_train_command(subcommands) -> None:
         help="train a Quiet-STaR model from a YAML config (default: SmolLM2-135M on arithmetic problems, CPU-sized)",
         usage="quietstar train [CONFIG] [--output-dir DIR] [--resume [CHECKPOINT]] [--section.key VALUE ...]",
         description="CONFIG: a YAML file or a bundled config: default, paper_gpu, or a recipe (multihop; "
-        "gsm8k --data DIR). "
+        "multiply; gsm8k --data DIR). "
         "Overrides: --base PATH, --quietstar.thought_length 8, --data FILE (= --data.path, or a task's data), "
         "--training.max_steps 100, --controls false, ... (values read as YAML).",
     )

@@ -55,8 +55,9 @@ class LazyExamples(Sequence):
 def task_classes() -> dict[str, type]:
     from .gsm8k import Gsm8kTask
     from .multihop import MultihopTask
+    from .multiply import MultiplyTask
 
-    return {"multihop": MultihopTask, "gsm8k": Gsm8kTask}
+    return {"multihop": MultihopTask, "gsm8k": Gsm8kTask, "multiply": MultiplyTask}
 
 
 def load_task(section: dict):
