@@ -13,6 +13,7 @@ import quietstar
 from conftest import BASE_CONFIGS, make_model, make_tokenizer, random_text
 from quietstar.cli import main
 from quietstar.data import WindowCollator
+from quietstar.tasks import load_task
 from quietstar.train import train
 from quietstar.train_config import load_train_config, parse_overrides
 from quietstar.trainer import QuietStarTrainer, QuietStarTrainingArguments
@@ -263,6 +264,10 @@ def test_bundled_configs_are_valid():
     assert multihop.stages[1].data == "chain"
     with pytest.raises(ValueError, match="no stage named 'chainz'; the config's stages are"):
         load_train_config("multihop", {"stages.chainz.training.max_steps": 1})
+    multiply = load_train_config("multiply")
+    assert [(stage.name, stage.data, stage.thinking) for stage in multiply.stages] == [
+        ("worked", "worked", False), ("fillers", "fillers", False), ("thinking", "direct", True)]
+    assert multiply.controls and type(load_task(multiply.task)).__name__ == "MultiplyTask"
     gsm8k = load_train_config("gsm8k", {"data": "/some/dir"})
     assert gsm8k.task == {"name": "gsm8k", "data": "/some/dir", "max_length": 128, "min_solution_tokens": 32,
                           "validation_items": 16, "test_items": 100}
