@@ -9,8 +9,9 @@ The answer is one token (SmolLM2's tokenizer splits digits), as Quiet-STaR's per
 after ":" is the only one that decides it. Factors are 32..99 (every product has four digits). The digit has no
 shortcut: it needs the product, which one forward pass of a small model does not compute (2x2-digit products
 answered directly: 0% for SmolLM2-135M in a probe), while the worked text needs only two one-digit products and a
-sum of numbers written right before it. The recipe (configs/multiply.yaml) measures that headroom first: a plain
-fine-tune on worked text against one on direct answers, scored on held-out pairs.
+sum of numbers written right before it. The headroom, on held-out pairs: the recipe's worked stage writing its own
+worked text (`written_answer_accuracy`, `python -m quietstar.tasks.multiply OUT/worked`) against its direct-answer
+controls (configs/multiply.yaml).
 
 Held out by pair: a pair (a, b) belongs to the held-out pool when a stable hash of it falls in one bucket of
 `HELD_OUT_BUCKETS` (~10% of the 4624 pairs); training draws only from the other pairs, so a model cannot pass the
