@@ -8,8 +8,11 @@ never to another position's or another thought's chain. Part (a) is a causal sta
 tiny causal block per chain; one softmax runs over both. Nothing of size L x L x S and no per-position copy of the
 text's K/V is ever built (the reference code grew a dense [L, (k+1)L] mask per step).
 
+Only a window of positions may think (`position_offset` P: positions P .. P+L-1, e.g. where a training target is
+scored); their queries still see all the text keys j <= i, from position 0.
+
 Dimensions:
-    B batch, N thoughts per position, L text positions, Hq query heads, Hkv key/value heads (Hq = G * Hkv, GQA),
+    B batch, N thoughts per position, L thinking positions (P the first's text position), Hq query heads, Hkv key/value heads (Hq = G * Hkv, GQA),
     Sq query chain steps in this call, Sk own chain keys, D head dim, J text keys in a block.
 """
 
@@ -40,40 +43,45 @@ def thought_attention(
     *,
     scale: float | None = None,
     step_offset: int = 0,
+    position_offset: int = 0,
 ) -> Tensor:
     """Quiet-STaR thought attention, PyTorch reference.
 
-    Query step s (absolute chain step `step_offset + s`) at position i attends to text keys j <= i and to its own
-    position's chain keys t <= step_offset + s, with one softmax over both:
+    Query step s (absolute chain step `step_offset + s`) at thinking position i (text position P + i, P =
+    `position_offset`) attends to text keys j <= P + i and to its own position's chain keys t <= step_offset + s, with
+    one softmax over both:
 
-        out = softmax([q k_base[:i+1]^T, q k_own[i, :step_offset+s+1]^T] * scale) @ [v_base[:i+1]; v_own[i, ...]]
+        out = softmax([q k_base[:P+i+1]^T, q k_own[i, :step_offset+s+1]^T] * scale) @ [v_base[:P+i+1]; v_own[i, ...]]
 
     Args:
-        q: (B, N, Hq, L, Sq, D) queries of Sq chain steps at each of L positions, for N thoughts.
-        k_base, v_base: (B, Hkv, L, D) the text's keys/values, shared by all N thoughts (never copied).
-        k_own, v_own: (B, N, Hkv, L, Sk, D) each position's own chain keys/values, steps 0 .. Sk-1.
+        q: (B, N, Hq, L, Sq, D) queries of Sq chain steps at each of L thinking positions, for N thoughts.
+        k_base, v_base: (B, Hkv, P + L, D) the text's keys/values up to the last thinking position, shared by all N
+            thoughts (never copied).
+        k_own, v_own: (B, N, Hkv, L, Sk, D) each thinking position's own chain keys/values, steps 0 .. Sk-1.
         scale: softmax scale, default D ** -0.5.
         step_offset: absolute chain step of the first query (> 0 when chains are generated step by step).
+        position_offset: P, the text position of the first thinking position (> 0 when only the positions P .. P+L-1
+            think, e.g. only where a training target is scored).
 
     Returns:
         (B, N, Hq, L, Sq, D), in q's dtype. Scores are formed in the input dtype and normalised in float32, as
         transformers' eager attention does. Positions are processed in blocks of `POSITION_BLOCK`; with autograd on,
         each block is recomputed in backward, so saved memory stays linear in L * S.
     """
-    _check_shapes(q, k_base, v_base, k_own, v_own, step_offset)
+    _check_shapes(q, k_base, v_base, k_own, v_own, step_offset, position_offset)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    n_kv_heads, n_positions = k_base.shape[1], k_base.shape[2]
+    n_kv_heads, n_positions = k_base.shape[1], q.shape[3]
     q = rearrange(q, "b n (h g) l s d -> b n h g l s d", h=n_kv_heads)  # GQA by broadcasting, no K/V repeat
     blocks = []
     for start in range(0, n_positions, POSITION_BLOCK):
         end = min(start + POSITION_BLOCK, n_positions)
         args = (
             q[..., start:end, :, :],
-            k_base[:, :, :end],  # causal: a block never sees text keys after its last position
-            v_base[:, :, :end],
+            k_base[:, :, : position_offset + end],  # causal: a block never sees text keys after its last position
+            v_base[:, :, : position_offset + end],
             k_own[..., start:end, :, :],
             v_own[..., start:end, :, :],
-            start,
+            position_offset + start,
             scale,
             step_offset,
         )
@@ -85,7 +93,8 @@ def thought_attention(
 
 
 def _attend_block(q, k_base, v_base, k_own, v_own, first_position: int, scale: float, step_offset: int) -> Tensor:
-    """One block of C positions. q: (B, N, Hkv, G, C, Sq, D); k_base: (B, Hkv, J, D), J = first_position + C;
+    """One block of C positions, the first at text position `first_position`. q: (B, N, Hkv, G, C, Sq, D); k_base:
+    (B, Hkv, J, D), J = first_position + C;
     k_own: (B, N, Hkv, C, Sk, D). Returns (B, N, Hkv, G, C, Sq, D)."""
     n_block, n_steps, n_text, n_own = q.shape[-3], q.shape[-2], k_base.shape[-2], k_own.shape[-2]
     device = q.device
@@ -113,18 +122,23 @@ def _attend_block(q, k_base, v_base, k_own, v_own, first_position: int, scale: f
     )
 
 
-def _check_shapes(q, k_base, v_base, k_own, v_own, step_offset: int) -> None:
+def _check_shapes(q, k_base, v_base, k_own, v_own, step_offset: int, position_offset: int = 0) -> None:
     if q.ndim != 6 or k_base.ndim != 4 or k_own.ndim != 6:
         raise ValueError(
-            "thought_attention expects q (B, N, Hq, L, Sq, D), k_base/v_base (B, Hkv, L, D) and k_own/v_own "
+            "thought_attention expects q (B, N, Hq, L, Sq, D), k_base/v_base (B, Hkv, P + L, D) and k_own/v_own "
             f"(B, N, Hkv, L, Sk, D); got q {tuple(q.shape)}, k_base {tuple(k_base.shape)}, k_own {tuple(k_own.shape)}."
         )
     batch, n_thoughts, n_heads, n_positions, n_steps, head_dim = q.shape
     n_kv_heads = k_base.shape[1]
     if k_base.shape != v_base.shape or k_own.shape != v_own.shape:
         raise ValueError("keys and values must have the same shape (k_base/v_base, k_own/v_own).")
-    if k_base.shape != (batch, n_kv_heads, n_positions, head_dim):
-        raise ValueError(f"k_base {tuple(k_base.shape)} does not match q {tuple(q.shape)}: expected (B, Hkv, L, D).")
+    if position_offset < 0:
+        raise ValueError(f"position_offset must be >= 0 (the text position of the first query), got {position_offset}.")
+    if k_base.shape != (batch, n_kv_heads, position_offset + n_positions, head_dim):
+        raise ValueError(
+            f"k_base {tuple(k_base.shape)} does not match q {tuple(q.shape)} with position_offset {position_offset}: "
+            "expected (B, Hkv, position_offset + L, D), the text keys up to the last query position."
+        )
     if k_own.shape[:4] != (batch, n_thoughts, n_kv_heads, n_positions) or k_own.shape[-1] != head_dim:
         raise ValueError(f"k_own {tuple(k_own.shape)} does not match q {tuple(q.shape)}: expected (B, N, Hkv, L, Sk, D).")
     if n_heads % n_kv_heads:
@@ -145,8 +159,10 @@ def _check_shapes(q, k_base, v_base, k_own, v_own, step_offset: int) -> None:
 class ThoughtKV:
     """Per-layer keys/values shared by the passes of one Quiet-STaR forward.
 
-    `text` holds each layer's text K/V (B, Hkv, L, D), recorded by the text pass. `own` holds each layer's chain K/V
-    buffer (B, N, Hkv, L, max_steps, D) for passes that generate chains step by step. `step_offset` is None in the text
+    `text` holds each layer's text K/V (B, Hkv, L_text, D), recorded by the text pass. The thinking positions are
+    `first_position` .. `first_position + n_positions - 1` (all L_text positions unless only a window thinks). `own`
+    holds each layer's chain K/V buffer (B, N, Hkv, n_positions, max_steps, D) for passes that generate chains step by
+    step. `step_offset` is None in the text
     pass, else the chain step of the pass's first query; `streaming` says whether the pass appends to the chain
     buffer (sampling) or carries whole chains from step 0 (teacher forcing). `kernel` is the thought-attention
     implementation, resolved once per forward by `attention_backend.thought_attention_kernel`.
@@ -164,9 +180,10 @@ class ThoughtKV:
         kernel: Callable[..., Tensor] = thought_attention,
         step_offset: int | None = None,
         streaming: bool = False,
+        first_position: int = 0,
     ):
         self.n_thoughts, self.n_positions, self.max_steps, self.kernel = n_thoughts, n_positions, max_steps, kernel
-        self.step_offset, self.streaming = step_offset, streaming
+        self.step_offset, self.streaming, self.first_position = step_offset, streaming, first_position
         self.text: dict[nn.Module, tuple[Tensor, Tensor]] = {}
         self.own: dict[nn.Module, tuple[Tensor, Tensor]] = {}
 
@@ -181,6 +198,8 @@ class ThoughtKV:
         if module not in self.text:
             raise RuntimeError("thought pass before the text pass: the text's keys/values were not recorded.")
         k_text, v_text = self.text[module]
+        visible = self.first_position + self.n_positions  # text keys up to the last thinking position
+        k_text, v_text = k_text[:, :, :visible], v_text[:, :, :visible]
         query, key, value = to_attention_dtype(query, key, value)
         layout = dict(n=self.n_thoughts, l=self.n_positions)
         q = rearrange(query, "b h (n l s) d -> b n h l s d", **layout)
@@ -188,7 +207,10 @@ class ThoughtKV:
         v_new = rearrange(value, "b h (n l s) d -> b n h l s d", **layout)
         if self.streaming:
             k_new, v_new = self._append(module, k_new, v_new)
-        out = self.kernel(q, k_text, v_text, k_new, v_new, scale=scaling, step_offset=self.step_offset)
+        out = self.kernel(
+            q, k_text, v_text, k_new, v_new, scale=scaling, step_offset=self.step_offset,
+            position_offset=self.first_position,
+        )
         return rearrange(out, "b n h l s d -> b (n l s) h d")
 
     def _append(self, module: nn.Module, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,10 +269,10 @@ def _check_thought_pass_supported(dropout: float, kwargs: dict, kv: ThoughtKV) -
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("attention logit soft-capping (gemma2-style) is not supported in thought passes.")
     window = kwargs.get("sliding_window")
-    if window is not None and kv.n_positions + kv.max_steps > window:
+    if window is not None and kv.first_position + kv.n_positions + kv.max_steps > window:
         raise NotImplementedError(
             f"this base model uses sliding-window attention (window {window}) and text + thought length "
-            f"({kv.n_positions} + {kv.max_steps}) exceeds it; thought passes attend to the whole prefix. "
+            f"({kv.first_position + kv.n_positions} + {kv.max_steps}) exceeds it; thought passes attend to the whole prefix. "
             "Use shorter sequences."
         )
 

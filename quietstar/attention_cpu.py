@@ -2,12 +2,13 @@
 layer, the tiny own-chain part in PyTorch, one softmax over both by merging their log-sum-exps.
 
 Same contract as the reference `quietstar.attention.thought_attention` (and tested against it): the query of chain
-step s (absolute step_offset + s) at position i attends to the text keys j <= i and to its own position's chain keys
-t <= step_offset + s.
+step s (absolute step_offset + s) at thinking position i (text position P + i, P = position_offset) attends to the
+text keys j <= P + i and to its own position's chain keys t <= step_offset + s.
 
-    text part    rows r = (n, g, i, s) of one (batch, K/V head) -> text keys j, masked j > i: aten's
+    text part    rows r = (n, g, i, s) of one (batch, K/V head) -> the P + L text keys j: aten's
                  `_scaled_dot_product_flash_attention_for_cpu` returns out_text and lse_text (the log-sum-exp of each
-                 row's scaled scores); GQA folds the G query heads of a K/V head into rows, so nothing is repeated.
+                 row's scaled scores); GQA folds the G query heads of a K/V head into rows, so nothing is repeated;
+                 masked j > P + i.
     own part     per (b, n, h, i): (G Sq) x Sk scores, out_own and lse_own.
     merge        lse = logaddexp(lse_text, lse_own), out = e^(lse_text - lse) out_text + e^(lse_own - lse) out_own.
 
@@ -19,7 +20,8 @@ The aten op is not public API (it is what `scaled_dot_product_attention` dispatc
 kernel that returns the log-sum-exp); `cpu_kernel_available()` says whether this torch has it (else the reference
 runs).
 
-Dimensions: B batch, N thoughts, Hq / Hkv query / key-value heads (G = Hq / Hkv), L positions, Sq query steps,
+Dimensions: B batch, N thoughts, Hq / Hkv query / key-value heads (G = Hq / Hkv), L thinking positions (P the
+first's text position), Sq query steps,
 Sk own chain steps, D head dim, R = N * G * L * Sq rows per (batch, K/V head).
 """
 
@@ -47,21 +49,23 @@ def thought_attention_cpu(
     *,
     scale: float | None = None,
     step_offset: int = 0,
+    position_offset: int = 0,
 ) -> Tensor:
     """Quiet-STaR thought attention for CPU tensors; arguments and result as `quietstar.attention.thought_attention`:
-    q (B, N, Hq, L, Sq, D), k_base/v_base (B, Hkv, L, D), k_own/v_own (B, N, Hkv, L, Sk, D) -> (B, N, Hq, L, Sq, D)."""
-    _check_shapes(q, k_base, v_base, k_own, v_own, step_offset)
+    q (B, N, Hq, L, Sq, D), k_base/v_base (B, Hkv, P + L, D), k_own/v_own (B, N, Hkv, L, Sk, D) -> (B, N, Hq, L, Sq, D),
+    P = `position_offset`."""
+    _check_shapes(q, k_base, v_base, k_own, v_own, step_offset, position_offset)
     if q.device.type != "cpu":
         raise ValueError(f"the cpu thought attention needs CPU tensors, got {q.device}; use the 'auto' backend.")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _ThoughtAttentionCPU.apply(q, k_base, v_base, k_own, v_own, scale, step_offset)
+    return _ThoughtAttentionCPU.apply(q, k_base, v_base, k_own, v_own, scale, step_offset, position_offset)
 
 
 class _ThoughtAttentionCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_base, v_base, k_own, v_own, scale, step_offset):
+    def forward(ctx, q, k_base, v_base, k_own, v_own, scale, step_offset, position_offset):
         _, n_thoughts, n_heads, n_positions, n_steps, _ = q.shape
-        layout = _Layout(n_thoughts, n_heads // k_base.shape[1], n_positions, n_steps, step_offset, q.dtype)
+        layout = _Layout(n_thoughts, n_heads // k_base.shape[1], n_positions, n_steps, step_offset, position_offset, q.dtype)
         acc = layout.acc
         k_base, v_base, k_own, v_own = (t.contiguous() for t in (k_base, v_base, k_own, v_own))
         q_rows = layout.rows(q)
@@ -100,7 +104,7 @@ class _ThoughtAttentionCPU(torch.autograd.Function):
         q_dtype, kv_dtype = dtypes
         return (
             layout.unrows(grad_q).to(q_dtype), grad_k_base.to(kv_dtype), grad_v_base.to(kv_dtype),
-            grad_k_own.to(kv_dtype), grad_v_own.to(kv_dtype), None, None,
+            grad_k_own.to(kv_dtype), grad_v_own.to(kv_dtype), None, None, None,
         )
 
 
@@ -108,8 +112,12 @@ class _Layout:
     """The two row orders: `rows` (B, Hkv, (N G L Sq), D) for the kernel's text part, and `own` (B, N, Hkv, L, (G Sq), D)
     for the own-chain products; and the masks of both parts."""
 
-    def __init__(self, n_thoughts: int, groups: int, n_positions: int, n_steps: int, step_offset: int, dtype: torch.dtype):
+    def __init__(
+        self, n_thoughts: int, groups: int, n_positions: int, n_steps: int, step_offset: int, position_offset: int,
+        dtype: torch.dtype,
+    ):
         self.n, self.g, self.l, self.s, self.step_offset = n_thoughts, groups, n_positions, n_steps, step_offset
+        self.position_offset = position_offset
         self.acc = torch.promote_types(dtype, torch.float32)  # softmax and merge in float32 (float64 stays float64)
 
     def rows(self, x: Tensor) -> Tensor:
@@ -125,11 +133,12 @@ class _Layout:
         return rearrange(own, "b n h l (g s) d -> b h (n g l s) d", g=self.g)
 
     def text_mask(self, like: Tensor) -> Tensor:
-        """(R, L) additive mask in `like`'s dtype (the kernel takes no boolean one): 0 where j <= i, -inf after."""
-        position = torch.arange(self.l, device=like.device)
-        hidden = torch.zeros(self.l, self.l, dtype=like.dtype, device=like.device)
-        hidden.masked_fill_(position[None, :] > position[:, None], float("-inf"))  # (i, j)
-        return hidden[None, None, :, None, :].expand(self.n, self.g, self.l, self.s, self.l).reshape(-1, self.l)
+        """(R, P + L) additive mask in `like`'s dtype (the kernel takes no boolean one): 0 where j <= P + i, -inf after."""
+        n_keys = self.position_offset + self.l
+        position = torch.arange(self.position_offset, n_keys, device=like.device)
+        hidden = torch.zeros(self.l, n_keys, dtype=like.dtype, device=like.device)
+        hidden.masked_fill_(torch.arange(n_keys, device=like.device)[None, :] > position[:, None], float("-inf"))
+        return hidden[None, None, :, None, :].expand(self.n, self.g, self.l, self.s, n_keys).reshape(-1, n_keys)
 
     def own_scores(self, q_rows: Tensor, k_own: Tensor, scale: float) -> Tensor:
         """(B, N, Hkv, L, G*Sq, Sk) scaled scores of the own chain in `acc`, -inf where t > step_offset + s."""

@@ -5,30 +5,47 @@ Four predictors scored on the same held-out items (a task's test split, or the h
     base path          the same model's prediction without a thought (a diagnostic, not a result)
     control            the same stage with thinking off: a plain causal-LM fine-tune of the same input model on the
                        same examples, for the same steps, optimizer and learning rate, selected by the same rule
-    control-flops      the same, trained for as many FLOPs as the thinking run (`thinking_flops_ratio` x the steps)
+    control-flops      the same, trained for as many FLOPs as the thinking run (`thinking_flops_ratio` x the steps;
+                       with `thought_positions="scored"`, counted at the share of positions that think)
 Each gets its per-token NLL and exact-match accuracy (every labelled token of an item is the argmax) with a 95%
 percentile-bootstrap interval over items; the gain that counts is with thoughts minus the better control, with a
 paired bootstrap interval (the same resampled items on both sides).
 """
 
 import math
+from collections.abc import Iterable
 
 import torch
 
 from .configuration_quietstar import QuietStarConfig
+from .objective import scored_positions
 from .scoring import label_scores
 from .tasks.bootstrap import bootstrap_ci
 
 WITH, BASE, CONTROL, CONTROL_FLOPS = "with thoughts", "base path", "control", "control-flops"
 
 
-def thinking_flops_ratio(config: QuietStarConfig) -> float:
+def thinking_flops_ratio(config: QuietStarConfig, thinking_fraction: float = 1.0) -> float:
     """FLOPs of a Quiet-STaR training step over those of a plain causal-LM step on the same tokens, counting
     forward = 1 and backward = 2 units per token through the model (attention's length-dependent part left out):
     the text pass 3, sampling N x T forward-only tokens, the teacher-forced chains N x (T + A + 1) tokens
-    (start marker, T thoughts, end marker, A - 1 lookahead tokens) forward and backward."""
+    (start marker, T thoughts, end marker, A - 1 lookahead tokens) forward and backward; the chains' part only at the
+    `thinking_fraction` of positions that think (`thinking_fraction_of`)."""
     n, t, a = config.n_thoughts, config.thought_length, config.lookahead
-    return (3 + n * t + 3 * n * (t + a + 1)) / 3
+    return (3 + thinking_fraction * (n * t + 3 * n * (t + a + 1))) / 3
+
+
+def thinking_fraction_of(config: QuietStarConfig, batches: Iterable[dict]) -> float:
+    """The share of a training batch's positions that think, averaged over `batches` (collated, with labels and
+    attention_mask): 1 with `thought_positions="all"`, else the scored window's length over the padded length."""
+    if config.thought_positions == "all":
+        return 1.0
+    shares = []
+    for batch in batches:
+        length = batch["labels"].shape[1]
+        first, end, _ = scored_positions(batch["labels"], batch.get("attention_mask"), config.lookahead).indices(length)
+        shares.append((end - first) / length)
+    return sum(shares) / max(len(shares), 1)
 
 
 @torch.no_grad()
@@ -122,9 +139,9 @@ def format_comparison(report: dict) -> str:
     return "\n".join(lines)
 
 
-def control_steps(max_steps: int, config: QuietStarConfig) -> int:
+def control_steps(max_steps: int, config: QuietStarConfig, thinking_fraction: float = 1.0) -> int:
     """Steps of the FLOPs-matched control: the thinking run's steps times `thinking_flops_ratio`, rounded up."""
-    return math.ceil(max_steps * thinking_flops_ratio(config))
+    return math.ceil(max_steps * thinking_flops_ratio(config, thinking_fraction))
 
 
-__all__ = ["thinking_flops_ratio", "control_steps", "score_items", "compare", "format_comparison"]
+__all__ = ["thinking_flops_ratio", "thinking_fraction_of", "control_steps", "score_items", "compare", "format_comparison"]

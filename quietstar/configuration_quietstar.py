@@ -10,7 +10,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .attention_backend import BACKENDS
 from .mixing import MIXING_ACTIVATIONS
-from .objective import POLICY_REWARDS
+from .objective import POLICY_REWARDS, THOUGHT_POSITIONS
 
 
 SIGMOID_OF_MINUS_4 = 0.01798620996209156  # the default starting w, exp(-4) / (1 + exp(-4))
@@ -79,6 +79,13 @@ class QuietStarConfig(PreTrainedConfig):
             `"triton"` (fused kernels), `"cpu"` (PyTorch's fused CPU attention kernel), `"torch"` (PyTorch reference)
             or `"auto"` (triton on CUDA, cpu on CPU, torch elsewhere).
             The environment variable `QUIETSTAR_THOUGHT_ATTENTION` overrides it.
+        thought_positions (`str`, *optional*, defaults to `"all"`):
+            Where a training forward with labels thinks: `"all"` (paper: after every position) or `"scored"` (only
+            the window of positions that have a scored lookahead target, e.g. the answer of a prompt/answer example).
+            The loss is the same objective either way (thoughts without a target add nothing to it); "scored" writes
+            fewer chains (the FLOPs of a step shrink with the window). Outputs keep shape (B, N, L, ...): positions
+            that did not think get mixing weight 0 and thought ids -100. Evaluation and generation always think
+            wherever they predict.
         inference_thought_temperature (`float`, *optional*, defaults to 0.0):
             Temperature of the thoughts in eval mode (`model.eval()`): the forward without labels, `generate()`,
             `quietstar eval` and lm-evaluation-harness all predict with this one policy. 0 = greedy: deterministic,
@@ -121,6 +128,7 @@ class QuietStarConfig(PreTrainedConfig):
     start_thought_token_id: int | None = None
     end_thought_token_id: int | None = None
     thought_attention_backend: str = "auto"
+    thought_positions: str = "all"
     inference_thought_temperature: float | int = 0.0
     think_threshold: float | int | None = None
     tie_word_embeddings: bool = False
@@ -156,6 +164,8 @@ class QuietStarConfig(PreTrainedConfig):
             )
         if self.thought_attention_backend not in BACKENDS:
             raise ValueError(f"`thought_attention_backend` must be one of {BACKENDS}, got {self.thought_attention_backend!r}.")
+        if self.thought_positions not in THOUGHT_POSITIONS:
+            raise ValueError(f"`thought_positions` must be one of {THOUGHT_POSITIONS}, got {self.thought_positions!r}.")
 
     def validate_thought_token_ids(self):
         """Part of `@strict` validation: the two marker ids are either both unset or two distinct vocabulary ids."""

@@ -17,11 +17,15 @@ the next tokens from a mix of the base prediction and the post-thought one. `for
 With a KV cache (`generate()`), forward is instead one decoding step that thinks at the newest position only and
 crops the thought out of the cache again (see thinking.py).
 
+With `thought_positions="scored"` a training forward with labels thinks only at the window of positions that have a
+scored lookahead target (`objective.scored_positions`); the others contribute nothing to the loss, so the objective is
+the same at a fraction of the chain cost. Everywhere else every position thinks.
+
 Chain step s of position i sits at position id i + 1 + s, exactly where it would be in the explicit sequence
 x_0 .. x_i SoT t_1 .. t_T EoT x_{i+1} ..: the thought passes equal the plain model run on that sequence.
 
-Dimensions: B batch, L text positions, N thoughts per position, T thought tokens, A lookahead tokens,
-S = T + A + 1 chain steps, H hidden size, V vocabulary.
+Dimensions: B batch, L text positions (L' <= L of them think), N thoughts per position, T thought tokens, A lookahead
+tokens, S = T + A + 1 chain steps, H hidden size, V vocabulary.
 """
 
 import copy
@@ -40,7 +44,7 @@ from .attention import ATTN_IMPLEMENTATION, ThoughtKV, register_quietstar_attent
 from .attention_backend import thought_attention_kernel
 from .configuration_quietstar import QuietStarConfig
 from .mixing import MixingHead, MixingLogit
-from .objective import LogProbs, LookaheadTargets, lookahead_index, quietstar_loss
+from .objective import LogProbs, LookaheadTargets, lookahead_index, quietstar_loss, scored_positions
 from .output_head import (
     CHUNK_ROWS,
     OutputHead,
@@ -75,8 +79,10 @@ class QuietStarCausalLMOutput(ModelOutput):
         logits: (B, L, V) next-token log-probabilities after thinking: the mixed prediction averaged over the N
             thoughts (in probability space); the marker tokens are masked out.
         base_logits: (B, L, V) the base model's next-token logits (no thought).
-        mixing_weights: (B, N, L) the weight w of the thought-conditioned prediction used for `logits`.
-        thought_ids: (B, N, L, T) the thought written after each position (N = 1 when thoughts are greedy).
+        mixing_weights: (B, N, L) the weight w of the thought-conditioned prediction used for `logits`; 0 at positions
+            that did not think (`thought_positions="scored"`).
+        thought_ids: (B, N, L, T) the thought written after each position (N = 1 when thoughts are greedy); -100 at
+            positions that did not think.
         nll_base, nll_mixed, policy_loss, reward_mean: the loss parts, detached, for logging; nll_thought (the
             thought-conditioned prediction alone) when `thought_nll_weight` > 0 or `policy_reward` is "thought".
         rewards: (B, N, L) each thought's reward (log-likelihood gain over the base on the A lookahead tokens);
@@ -107,7 +113,8 @@ class QuietStarCausalLMOutput(ModelOutput):
 
 @dataclass
 class TextPass:
-    """The base model over the text. logits (B, L, V), hidden_states per layer (B, L, H), kv: recorded K/V."""
+    """The base model over the text. logits (B, L, V), hidden_states per layer (B, L, H), kv: recorded K/V; the
+    positions that think are `thinking` (L' of the L; the chains' position axis)."""
 
     input_ids: Tensor
     position_ids: Tensor
@@ -119,6 +126,11 @@ class TextPass:
     def hidden(self) -> Tensor:
         """(B, L, H) final-layer states."""
         return self.hidden_states[-1]
+
+    @property
+    def thinking(self) -> slice:
+        """The text positions that think, first .. first + L' - 1."""
+        return slice(self.kv.first_position, self.kv.first_position + self.kv.n_positions)
 
 
 @dataclass
@@ -326,10 +338,15 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         needs_policy = labels is not None and temperature > 0
         # greedy thoughts are all the same: write one chain instead of N identical ones
         n_chains = thought_ids.shape[1] if thought_ids is not None else (config.n_thoughts if temperature > 0 else 1)
+        # A training step needs no full-vocabulary prediction: it would cost N * B * L * V floats for nothing.
+        predicting = not (self.training and labels is not None)
+        thinking = slice(None)
+        if config.thought_positions == "scored" and not predicting:  # no logits needed: only scored positions think
+            thinking = scored_positions(labels, attention_mask, lookahead)
 
         text = self.text_pass(
             input_ids, attention_mask, chain_length, all_hidden_states=bool(output_hidden_states), n_thoughts=n_chains,
-            **kwargs,
+            thinking=thinking, **kwargs,
         )
         hidden_states = text.hidden_states if output_hidden_states else None
         if not think:
@@ -338,28 +355,28 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         if thought_ids is None:
             thought_ids, thoughts = self.think(text, temperature, lookahead, with_policy=needs_policy)
         else:
+            thought_ids = thought_ids[:, :, text.thinking]
             thoughts = self.thought_pass(text, thought_ids, lookahead, with_policy=needs_policy)
-        ahead = lookahead_index(input_ids.shape[1], lookahead, input_ids.device)  # (L, A): position i + s
-        base_hidden = text.hidden[:, ahead].unsqueeze(1).expand_as(thoughts.hidden)  # (B, N, L, A, H)
-        weights = self.mixing_head(base_hidden, thoughts.hidden)  # (B, N, L, A)
+        ahead = lookahead_index(input_ids.shape[1], lookahead, input_ids.device)[text.thinking]  # (L', A): i + s
+        base_hidden = text.hidden[:, ahead].unsqueeze(1).expand_as(thoughts.hidden)  # (B, N, L', A, H)
+        weights = self.mixing_head(base_hidden, thoughts.hidden)  # (B, N, L', A)
 
         loss_parts = None
         if labels is not None:
             loss_parts = self._objective(text, thoughts, thought_ids, base_hidden, weights, labels, attention_mask, temperature)
-        # A training step needs no full-vocabulary prediction: it would cost N * B * L * V floats for nothing.
-        predicting = not (self.training and labels is not None)
+        length = input_ids.shape[1]
         return QuietStarCausalLMOutput(
             loss=loss_parts.loss if loss_parts else None,
             logits=self._predict_next_token(text, thoughts, weights, logits_to_keep) if predicting else None,
             base_logits=_keep(text.logits, logits_to_keep),
-            mixing_weights=weights[..., 0],
-            thought_ids=thought_ids,
+            mixing_weights=_at_positions(weights[..., 0], text.thinking, length, fill=0.0),
+            thought_ids=_at_positions(thought_ids, text.thinking, length, fill=-100),
             nll_base=loss_parts.nll_base if loss_parts else None,
             nll_mixed=loss_parts.nll_mixed if loss_parts else None,
             nll_thought=loss_parts.nll_thought if loss_parts else None,
             policy_loss=loss_parts.policy_loss if loss_parts else None,
             reward_mean=loss_parts.reward_mean if loss_parts else None,
-            rewards=loss_parts.rewards if loss_parts else None,
+            rewards=_at_positions(loss_parts.rewards, text.thinking, length, fill=0.0) if loss_parts else None,
             hidden_states=hidden_states,
         )
 
@@ -428,17 +445,23 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         chain_length: int,
         all_hidden_states: bool = False,
         n_thoughts: int | None = None,
+        thinking: slice = slice(None),
         **kwargs,
     ) -> TextPass:
         """Step 1: the base model over the text (B, L), recording each layer's K/V for the thought passes of
-        `n_thoughts` chains per position (default: the config's). `all_hidden_states`: keep every layer's hidden
-        states (else only the last). `kwargs` go to the base model."""
+        `n_thoughts` chains per position (default: the config's) at the positions `thinking` (a contiguous range;
+        default all). `all_hidden_states`: keep every layer's hidden states (else only the last). `kwargs` go to the
+        base model."""
         batch, length = input_ids.shape
+        first, end, stride = thinking.indices(length)
+        if stride != 1 or end <= first:
+            raise ValueError(f"`thinking` must be a non-empty contiguous range of the {length} positions, got {thinking}.")
         kv = ThoughtKV(
             n_thoughts=self.config.n_thoughts if n_thoughts is None else n_thoughts,
-            n_positions=length,
+            n_positions=end - first,
             max_steps=chain_length,
             kernel=thought_attention_kernel(self.config.thought_attention_backend, input_ids.device),
+            first_position=first,
         )
         position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         out = self.model(
@@ -460,9 +483,9 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         return TextPass(input_ids, position_ids, out.logits, hidden_states, kv)
 
     def think(self, text: TextPass, temperature: float, lookahead: int, with_policy: bool = True) -> tuple[Tensor, ThoughtPass]:
-        """Steps 2-3 for thoughts written here: sample T tokens after every position, N chains each, all positions in
-        parallel, and read out the chains [SoT, t_1 .. t_T, EoT, x_{i+1} .. x_{i+A-1}]. Returns thought ids
-        (B, N, L, T) and the pass.
+        """Steps 2-3 for thoughts written here: sample T tokens after every thinking position, N chains each, all
+        positions in parallel, and read out the chains [SoT, t_1 .. t_T, EoT, x_{i+1} .. x_{i+A-1}]. Returns thought ids
+        (B, N, L', T) and the pass.
 
         Without gradients (evaluation, inference) the chains continue from the sampling steps' K/V: each chain token
         runs through the decoder once. With gradients the thoughts are sampled without them and the chains are read
@@ -487,21 +510,21 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.compiler.disable
     @torch.no_grad()
     def sample_thoughts(self, text: TextPass, temperature: float) -> Tensor:
-        """Step 2 alone: thought ids (B, N, L, T) sampled without gradient (see `_write_chains`), e.g. to read them
+        """Step 2 alone: thought ids (B, N, L', T) sampled without gradient (see `_write_chains`), e.g. to read them
         with `thought_pass` later."""
         thought_ids, _ = self._write_chains(text, temperature, keep_states=False)
         text.kv.own.clear()
         return thought_ids
 
     def _write_chains(self, text: TextPass, temperature: float, keep_states: bool) -> tuple[Tensor, Tensor | None]:
-        """Sample T tokens after every position, N thoughts each, all positions in parallel.
+        """Sample T tokens after every thinking position, N thoughts each, all positions in parallel.
 
-        Chain step k runs N*L queries at once (one per thought and position, N = `text.kv.n_thoughts`); each attends
+        Chain step k runs N*L' queries at once (one per thought and position, N = `text.kv.n_thoughts`); each attends
         to the text up to its position and its own earlier steps, whose K/V stay in `text.kv.own`. Tokens are drawn
-        from the output head chunk by chunk (output_head.sample_tokens). Returns thought ids (B, N, L, T) and, with
-        `keep_states`, the states at steps 0 .. T-1 (B, N, L, T, H), which predict t_1 .. t_T.
+        from the output head chunk by chunk (output_head.sample_tokens). Returns thought ids (B, N, L', T) and, with
+        `keep_states`, the states at steps 0 .. T-1 (B, N, L', T, H), which predict t_1 .. t_T.
         """
-        batch, length = text.input_ids.shape
+        batch, length = text.input_ids.shape[0], text.kv.n_positions
         start, _ = self.marker_embeddings()
         head = OutputHead.of(self.model)
         step_embeds = start.expand(batch, text.kv.n_thoughts, length, 1, -1)  # (B, N, L, 1, H)
@@ -515,8 +538,9 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         return torch.stack(tokens, dim=-1), torch.cat(states, dim=3) if keep_states else None
 
     def thought_pass(self, text: TextPass, thought_ids: Tensor, lookahead: int, with_policy: bool = True) -> ThoughtPass:
-        """Step 3 for given thoughts: one teacher-forced pass over every chain [SoT, t_1..t_T, EoT, x_{i+1}..x_{i+A-1}]
-        (B, N, L, S). `with_policy`: also keep the states that predict the thought tokens (for the REINFORCE term)."""
+        """Step 3 for given thoughts (B, N, L', T), one per thinking position: one teacher-forced pass over every chain
+        [SoT, t_1..t_T, EoT, x_{i+1}..x_{i+A-1}] (B, N, L', S). `with_policy`: also keep the states that predict the
+        thought tokens (for the REINFORCE term)."""
         batch, n_thoughts, length, thought_length = thought_ids.shape
         start, _ = self.marker_embeddings()
         chain = torch.cat(
@@ -532,10 +556,11 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         return self._read_out(text, policy_hidden, hidden[..., thought_length + 1 :, :])  # EoT ..: x_{i+1} .. x_{i+A}
 
     def _after_thought(self, text: TextPass, n_thoughts: int, lookahead: int) -> Tensor:
-        """The chain after the thought, [EoT, x_{i+1} .. x_{i+A-1}]: embeddings (B, N, L, A, H)."""
-        batch, length = text.input_ids.shape
+        """The chain after the thought, [EoT, x_{i+1} .. x_{i+A-1}]: embeddings (B, N, L', A, H)."""
+        batch, length = text.input_ids.shape[0], text.kv.n_positions
         _, end = self.marker_embeddings()
-        true_next = text.input_ids[:, lookahead_index(length, lookahead, text.input_ids.device)[:, 1:]]  # (B, L, A-1)
+        ahead = lookahead_index(text.input_ids.shape[1], lookahead, text.input_ids.device)[text.thinking, 1:]
+        true_next = text.input_ids[:, ahead]  # (B, L', A-1)
         return torch.cat(
             [
                 end.expand(batch, n_thoughts, length, 1, -1),
@@ -551,13 +576,13 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         return ThoughtPass(policy_hidden=policy_hidden, hidden=hidden, head=head)
 
     def _run_chain(self, text: TextPass, embeds: Tensor, step_offset: int, streaming: bool = False) -> Tensor:
-        """Run chain steps step_offset .. step_offset+Sq-1 of every (thought, position) through the base model's
-        decoder (no output head): embeds (B, N, L, Sq, H) -> final-layer states (B, N, L, Sq, H).
+        """Run chain steps step_offset .. step_offset+Sq-1 of every (thought, thinking position) through the base model's
+        decoder (no output head): embeds (B, N, L', Sq, H) -> final-layer states (B, N, L', Sq, H).
         The chains are laid out "(n l s)" along the sequence axis; attention follows the thought pattern.
         """
         batch, n_thoughts, length, n_steps, _ = embeds.shape
         steps = torch.arange(step_offset, step_offset + n_steps, device=embeds.device)
-        position_ids = text.position_ids[:, None, :, None] + 1 + steps  # (B, 1, L, Sq): step s of i at i + 1 + s
+        position_ids = text.position_ids[:, None, text.thinking, None] + 1 + steps  # (B, 1, L', Sq): s of i at i + 1 + s
         position_ids = position_ids.expand(batch, n_thoughts, length, n_steps)
         out = self.model.get_decoder()(
             inputs_embeds=rearrange(embeds, "b n l s h -> b (n l s) h"),
@@ -594,7 +619,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
         length, lookahead = labels.shape[1], weights.shape[-1]
         targets = LookaheadTargets.build(labels, attention_mask, lookahead)
         next_labels = torch.cat([labels[:, 1:], labels[:, :1]], dim=1).clamp(min=0)  # last column: never valid
-        mixed_targets = targets.targets.unsqueeze(1).expand_as(weights)  # (B, N, L, A)
+        mixed_targets = targets.targets[:, text.thinking].unsqueeze(1).expand_as(weights)  # (B, N, L', A)
         base_log_probs, mixed_log_probs, thought_log_probs, policy_log_probs = self._vocabulary_log_probs(
             text.logits, next_labels, base_hidden, thoughts.hidden, weights, mixed_targets, thoughts.policy_hidden,
             thought_ids, temperature, self._chunk_rows(text),
@@ -606,6 +631,7 @@ class QuietStarForCausalLM(PreTrainedModel, GenerationMixin):
             policy_log_probs,
             base_mask=targets.base_mask,
             thought_mask=targets.thought_mask,
+            thinking=text.thinking,
             base_loss_weight=config.base_loss_weight,
             mixed_loss_weight=config.mixed_loss_weight,
             policy_weight=config.policy_weight,
@@ -746,6 +772,15 @@ def _install_output_capturing(base: PreTrainedModel) -> None:
     except ImportError:
         return
     maybe_install_capturing_hooks(base.get_decoder())
+
+
+def _at_positions(values: Tensor, thinking: slice, length: int, fill: float) -> Tensor:
+    """(B, N, L', ...) values of the thinking positions -> (B, N, L, ...), `fill` at the positions that did not think."""
+    if thinking == slice(None):
+        return values
+    full = values.new_full((*values.shape[:2], length, *values.shape[3:]), fill)
+    full[:, :, thinking] = values
+    return full
 
 
 def _keep(logits: Tensor, logits_to_keep: int | Tensor) -> Tensor:

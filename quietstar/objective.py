@@ -31,6 +31,7 @@ from .output_head import HeadLogProbs, TensorLogProbs
 LogProbs = Tensor | HeadLogProbs | TensorLogProbs  # per-token log-probabilities, as the objective takes them
 
 POLICY_REWARDS = ("mixed", "thought")  # what a thought's reward is measured on (config.policy_reward)
+THOUGHT_POSITIONS = ("all", "scored")  # where a training forward with labels thinks (config.thought_positions)
 
 
 def lookahead_index(length: int, lookahead: int, device: torch.device) -> Tensor:
@@ -70,9 +71,20 @@ class LookaheadTargets:
         return self.valid.all(dim=-1)
 
 
+def scored_positions(labels: Tensor, attention_mask: Tensor | None, lookahead: int) -> slice:
+    """The positions whose thoughts the objective scores: from the first to the last position that has all A
+    lookahead tokens valid in some row (`LookaheadTargets.thought_mask`); all positions if none has. Thoughts
+    elsewhere add nothing to the loss (masked), so thinking only here computes the same objective."""
+    scored = LookaheadTargets.build(labels, attention_mask, lookahead).thought_mask.any(dim=0).nonzero()
+    if scored.numel() == 0:
+        return slice(None)
+    return slice(int(scored[0]), int(scored[-1]) + 1)
+
+
 @dataclass
 class QuietStarLoss:
-    """The weighted total and its (unweighted) parts, scalars; `rewards` (B, N, L) per thought, 0 where masked."""
+    """The weighted total and its (unweighted) parts, scalars; `rewards` (B, N, L') per thought at the thinking
+    positions, 0 where masked."""
 
     loss: Tensor
     nll_base: Tensor
@@ -96,6 +108,7 @@ def quietstar_loss(
     base_mask: Tensor,
     thought_mask: Tensor,
     *,
+    thinking: slice = slice(None),
     base_loss_weight: float,
     mixed_loss_weight: float,
     policy_weight: float,
@@ -112,12 +125,13 @@ def quietstar_loss(
 
     Args:
         base_log_probs: (B, L, A) log p_base(x_{i+1+s}), the base model's prediction at position i+s.
-        mixed_log_probs: (B, N, L, A) log p_mixed(x_{i+1+s}) after thought n of position i.
-        policy_log_probs: (B, N, L, T) log pi(t_k) of the sampled thought tokens, or None when thoughts are greedy
+        mixed_log_probs: (B, N, L', A) log p_mixed(x_{i+1+s}) after thought n of position i, for the L' positions
+            `thinking` of the L (all by default; the thought terms are zero elsewhere, see `scored_positions`).
+        policy_log_probs: (B, N, L', T) log pi(t_k) of the sampled thought tokens, or None when thoughts are greedy
             (a deterministic policy has no score function: the policy term is then 0).
         base_mask: (B, L) position i has a valid next token x_{i+1} (base NLL).
         thought_mask: (B, L) all A lookahead tokens of position i exist and are valid (mixed NLL, REINFORCE).
-        thought_log_probs: (B, N, L, A) log p_thought(x_{i+1+s}) from the post-thought states alone, for the
+        thought_log_probs: (B, N, L', A) log p_thought(x_{i+1+s}) from the post-thought states alone, for the
             optional `thought_nll_weight` term (its gradient does not pass through the mixing weight) and for
             `policy_reward` "thought" (the reward then does not vanish with w).
     """
@@ -127,7 +141,8 @@ def quietstar_loss(
         TensorLogProbs(x) if isinstance(x, Tensor) else x for x in (mixed_log_probs, policy_log_probs, thought_log_probs)
     )
     nll_base = -masked_mean(base_log_probs[..., 0], base_mask)
-    per_thought = thought_mask.unsqueeze(1)  # (B, 1, L), broadcast over thoughts
+    base_log_probs, thought_mask = base_log_probs[:, thinking], thought_mask[:, thinking]  # the thinking positions
+    per_thought = thought_mask.unsqueeze(1)  # (B, 1, L'), broadcast over thoughts
     # masked_mean over (B, N, L) of a mean over the last axis, as coefficients: 1 / (count * size) where counted
     counted = per_thought.expand(mixed.shape[:-1])
     mean_weights = (counted / counted.sum().clamp(min=1)).unsqueeze(-1).float()  # (B, N, L, 1)

@@ -31,7 +31,15 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .comparison import CONTROL, CONTROL_FLOPS, compare, control_steps, format_comparison, score_items
+from .comparison import (
+    CONTROL,
+    CONTROL_FLOPS,
+    compare,
+    control_steps,
+    format_comparison,
+    score_items,
+    thinking_fraction_of,
+)
 from .configuration_quietstar import QuietStarConfig
 from .data import WindowCollator, build_datasets, pad_token_id
 from .default_base import convert_gguf, default_base_path, default_cache_dir
@@ -130,7 +138,9 @@ def run_controls(config, task, stage: Stage, output_dir: Path, source: Path | No
     if steps <= 0:
         raise ValueError("controls: true needs the thinking stage's training.max_steps (the controls match its steps).")
     n_train = _n_train(args)  # the thinking stage's examples, reused over epochs by the FLOPs-matched control
-    for name, max_steps in ((CONTROL, steps), (CONTROL_FLOPS, control_steps(steps, thinking_config))):
+    fraction = _thinking_fraction(config, task, stage, thinking_config, args, output_dir)
+    flops_steps = control_steps(steps, thinking_config, fraction)
+    for name, max_steps in ((CONTROL, steps), (CONTROL_FLOPS, flops_steps)):
         # about as many validations (keep-best candidates) per run: step-counted intervals scale by a whole factor,
         # which keeps save_steps a multiple of eval_steps
         factor = max_steps // steps
@@ -149,7 +159,8 @@ def run_controls(config, task, stage: Stage, output_dir: Path, source: Path | No
     thinking = score(model)
     controls = {name: score(load_model(output_dir / name, {}, thinking=False)[0]) for name in (CONTROL, CONTROL_FLOPS)}
     report = compare(thinking, controls, task.metric if task is not None else "nll")
-    report["steps"] = {"thinking": steps, CONTROL: steps, CONTROL_FLOPS: control_steps(steps, thinking_config)}
+    report["steps"] = {"thinking": steps, CONTROL: steps, CONTROL_FLOPS: flops_steps}
+    report["thinking_fraction"] = round(fraction, 4)
     report["thoughts"] = [_thought_record(examples[k], ids, tokenizer) for k, ids in enumerate(thinking["thought"][:8])]
     (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
     (output_dir / REPORT_TABLE).write_text(format_comparison(report) + "\n")
@@ -247,6 +258,23 @@ def _thought_record(example: dict, thought: list[int], tokenizer) -> dict:
         "thought": tokenizer.decode(thought),
         "next": tokenizer.decode(ids[first : first + 1]),
     }
+
+
+def _thinking_fraction(config, task, stage: Stage, thinking_config, args, output_dir: Path, max_batches: int = 64) -> float:
+    """The share of positions that think in the thinking stage's training batches (`thinking_fraction_of`), measured
+    on its first `max_batches` batches in order (the trainer shuffles them; similar examples, similar windows)."""
+    if thinking_config.thought_positions == "all":
+        return 1.0
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    batch_size = args.per_device_train_batch_size
+    if task is not None:
+        examples = task.examples("train", stage.data, min(_n_train(args), max_batches * batch_size), tokenizer)
+    else:
+        examples, _ = build_datasets(config.data, tokenizer, thinking_config.lookahead)
+    collator = WindowCollator(pad_token_id(tokenizer))
+    starts = range(0, min(len(examples), max_batches * batch_size), batch_size)
+    batches = (collator([examples[k] for k in range(start, min(start + batch_size, len(examples)))]) for start in starts)
+    return thinking_fraction_of(thinking_config, batches)
 
 
 def _stage_training(config: TrainConfig, stage: Stage) -> dict:

@@ -205,13 +205,14 @@ def _hardest(hard, input_ids, thought_ids, nll_base, nll_mixed, valid, tokenizer
 
 
 def _loss_parts(outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """(len(TRAIN_PARTS),) detached float32: the output's loss parts and its mean mixing weight over real tokens."""
+    """(len(TRAIN_PARTS),) detached float32: the output's loss parts and its mean mixing weight over the real tokens
+    that thought (all of them unless `thought_positions="scored"`)."""
     weights = outputs.mixing_weights.detach().float()  # (B, N, L)
+    mask = outputs.thought_ids[..., 0] >= 0  # (B, N, L): -100 where a position did not think
     if attention_mask is not None:
-        mask = attention_mask[:, None, :].expand_as(weights).to(weights)
-        mean_weight = (weights * mask).sum() / mask.sum().clamp(min=1)
-    else:
-        mean_weight = weights.mean()
+        mask = mask & attention_mask[:, None, :].bool()
+    mask = mask.to(weights)
+    mean_weight = (weights * mask).sum() / mask.sum().clamp(min=1)
     parts = [outputs.nll_base, outputs.nll_mixed, outputs.policy_loss, outputs.reward_mean]
     return torch.stack([part.detach().float() for part in parts] + [mean_weight])
 

@@ -8,19 +8,20 @@ import torch
 
 from quietstar.attention import thought_attention
 from quietstar.attention_cpu import cpu_kernel_available, thought_attention_cpu
-from test_thought_attention import CASES, random_inputs
+from test_thought_attention import CASES, case_inputs, random_inputs
 
 pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="this torch lacks the fused CPU attention kernel")
 
-CPU_CASES = {**CASES, "gqa_3_over_1_long_L_70": (2, 2, 3, 1, 70, 9, 9, 24, 0)}  # past the reference's 64-position block
+CPU_CASES = {  # past the reference's 64-position block; a window of 66 positions after 5 that do not think
+    **CASES, "gqa_3_over_1_long_L_70": (2, 2, 3, 1, 70, 9, 9, 24, 0, 0), "window_66_from_5": (1, 2, 3, 1, 66, 4, 4, 8, 0, 5)
+}
 
 
 @pytest.mark.parametrize("case", sorted(CPU_CASES))
 def test_matches_the_reference_forward_and_backward_in_float64(case):
-    *shape, step_offset = CPU_CASES[case]
-    inputs = random_inputs(*shape)
-    out = thought_attention_cpu(*inputs, scale=0.3, step_offset=step_offset)
-    expected = thought_attention(*inputs, scale=0.3, step_offset=step_offset)
+    inputs, step_offset, position_offset = case_inputs(case, CPU_CASES)
+    out = thought_attention_cpu(*inputs, scale=0.3, step_offset=step_offset, position_offset=position_offset)
+    expected = thought_attention(*inputs, scale=0.3, step_offset=step_offset, position_offset=position_offset)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     grad_out = torch.randn_like(out)
@@ -43,21 +44,21 @@ def test_strided_inputs_equal_contiguous_ones():
 
 @pytest.mark.parametrize("grad_scale", [1e-5, 1.0, 2.0**10], ids=["tiny-grad", "unit-grad", "loss-scaled-grad"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", ["teacher_forced_gqa_9_3_odd_L", "gqa_3_over_1_long_L_70"])
+@pytest.mark.parametrize("case", ["teacher_forced_gqa_9_3_odd_L", "gqa_3_over_1_long_L_70", "window_66_from_5"])
 def test_half_precision_error_within_twice_the_references(case, dtype, grad_scale):
     """bf16 and fp16 inputs, the incoming gradient tiny (REINFORCE-sized), unit, or lifted by a GradScaler-sized loss
     scale (2**10: its gradients stay below fp16's 65504, as GradScaler keeps them): every output's error against
     the fp64 truth is within 2x of the reference's in the same precision
     (+ 1e-3 of the largest true entry: rounding level)."""
-    *shape, step_offset = CPU_CASES[case]
-    truth_inputs = random_inputs(*shape)
+    truth_inputs, step_offset, position_offset = case_inputs(case, CPU_CASES)
+    offsets = dict(step_offset=step_offset, position_offset=position_offset)
     low = [t.detach().to(dtype).requires_grad_() for t in truth_inputs]
-    truth = thought_attention(*truth_inputs, step_offset=step_offset)
+    truth = thought_attention(*truth_inputs, **offsets)
     grad_out = torch.randn_like(truth) * grad_scale
     truth_grads = torch.autograd.grad(truth, truth_inputs, grad_out)
     errors = {}
     for name, function in (("cpu", thought_attention_cpu), ("reference", thought_attention)):
-        out = function(*low, step_offset=step_offset)
+        out = function(*low, **offsets)
         assert out.dtype == dtype
         grads = torch.autograd.grad(out, low, grad_out.to(dtype))
         errors[name] = [(out.double() - truth).abs().max()] + [

@@ -16,18 +16,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("out", "dq", "dk_base", "dv_base", "dk_own", "dv_own")
 
 SHAPES = {
-    # name: (B, N, Hq, Hkv, L, Sq, Sk, D, step_offset); L never a block multiple
-    "teacher_forced_gqa_9_3": (1, 2, 9, 3, 21, 5, 5, 32, 0),
-    "streaming_step_offset": (2, 2, 4, 2, 29, 1, 4, 16, 3),
-    "odd_head_dim": (1, 1, 6, 2, 19, 3, 3, 24, 0),
-    "two_steps_mid_chain": (1, 2, 4, 4, 23, 2, 6, 16, 4),
-    "one_position": (1, 1, 2, 1, 1, 3, 3, 16, 0),
+    # name: (B, N, Hq, Hkv, L, Sq, Sk, D, step_offset, position_offset); L never a block multiple
+    "teacher_forced_gqa_9_3": (1, 2, 9, 3, 21, 5, 5, 32, 0, 0),
+    "streaming_step_offset": (2, 2, 4, 2, 29, 1, 4, 16, 3, 0),
+    "odd_head_dim": (1, 1, 6, 2, 19, 3, 3, 24, 0, 0),
+    "two_steps_mid_chain": (1, 2, 4, 4, 23, 2, 6, 16, 4, 0),
+    "one_position": (1, 1, 2, 1, 1, 3, 3, 16, 0, 0),
+    "window_gqa_9_3_from_position_19": (1, 2, 9, 3, 7, 5, 5, 32, 0, 19),  # text keys 26: past a 16-key tile boundary
+    "window_streaming_one_position": (2, 2, 4, 2, 1, 1, 4, 16, 2, 37),
 }
 
 
-def run(fn, inputs, grad_out, step_offset):
+def run(fn, inputs, grad_out, step_offset, position_offset=0):
     inputs = [t.detach().requires_grad_() for t in inputs]
-    out = fn(*inputs, scale=0.2, step_offset=step_offset)
+    out = fn(*inputs, scale=0.2, step_offset=step_offset, position_offset=position_offset)
     return [out, *torch.autograd.grad(out, inputs, grad_out.to(out.dtype))]
 
 
@@ -35,17 +37,19 @@ def run(fn, inputs, grad_out, step_offset):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_kernel_error_within_twice_the_low_precision_reference_error(shape, dtype, grad_scale=1.0):
-    batch, n, hq, hkv, length, sq, sk, d, step_offset = SHAPES[shape]
+    batch, n, hq, hkv, length, sq, sk, d, step_offset, position_offset = SHAPES[shape]
     generator = torch.Generator().manual_seed(0)
-    sizes = [(batch, n, hq, length, sq, d), (batch, hkv, length, d), (batch, hkv, length, d),
+    n_text = position_offset + length
+    sizes = [(batch, n, hq, length, sq, d), (batch, hkv, n_text, d), (batch, hkv, n_text, d),
              (batch, n, hkv, length, sk, d), (batch, n, hkv, length, sk, d)]
     inputs = [torch.randn(size, generator=generator).to(DEVICE, dtype) for size in sizes]
     grad_out = torch.randn(sizes[0], generator=generator).to(DEVICE) * grad_scale
 
     truth_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-    truth = run(triton_kernels.thought_attention_ref, [t.to(truth_dtype) for t in inputs], grad_out, step_offset)
-    low = run(triton_kernels.thought_attention_ref, inputs, grad_out, step_offset)
-    kernel = run(triton_kernels.thought_attention, inputs, grad_out, step_offset)
+    offsets = (step_offset, position_offset)
+    truth = run(triton_kernels.thought_attention_ref, [t.to(truth_dtype) for t in inputs], grad_out, *offsets)
+    low = run(triton_kernels.thought_attention_ref, inputs, grad_out, *offsets)
+    kernel = run(triton_kernels.thought_attention, inputs, grad_out, *offsets)
     for name, t, lo, k in zip(NAMES, truth, low, kernel):
         assert k.dtype == dtype and k.shape == t.shape, name
         rounding = 2 * ((t.to(dtype) + 0.3 - 0.3).to(truth_dtype) - t).abs().max()
@@ -67,9 +71,10 @@ def test_kernel_error_in_fp16_with_tiny_and_loss_scaled_gradients(grad_scale):
 
 REAL_SIZES = {
     # the paper's settings on a 7B-like layer: L = 2048 text positions, S = 16 chain steps, GQA 32/8, D = 128
-    "paper_7b_layer": (1, 2, 32, 8, 2048, 16, 16, 128, 0),
-    "streaming_step": (1, 2, 32, 8, 2048, 1, 16, 128, 15),
-    "smollm2_layer": (2, 2, 9, 3, 1024, 16, 16, 64, 0),
+    "paper_7b_layer": (1, 2, 32, 8, 2048, 16, 16, 128, 0, 0),
+    "streaming_step": (1, 2, 32, 8, 2048, 1, 16, 128, 15, 0),
+    "smollm2_layer": (2, 2, 9, 3, 1024, 16, 16, 64, 0, 0),
+    "smollm2_answer_window": (4, 2, 9, 3, 64, 16, 16, 64, 0, 960),
 }
 
 

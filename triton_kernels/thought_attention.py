@@ -1,12 +1,13 @@
 """Fused Quiet-STaR thought attention in Triton: forward and backward.
 
 Same contract as the PyTorch reference `quietstar.attention.thought_attention` (imported here as
-`thought_attention_ref`): the query of chain step s (absolute step_offset + s) at position i attends to the text keys
-j <= i and to its own position's chain keys t <= step_offset + s, with one softmax over both.
+`thought_attention_ref`): the query of chain step s (absolute step_offset + s) at thinking position i (text position
+P + i, P = position_offset) attends to the text keys j <= P + i and to its own position's chain keys
+t <= step_offset + s, with one softmax over both.
 
 Layout. Each program owns BLOCK_M query rows of one (batch, thought, query head); a row is a flattened
 (position, step) pair, r = i * Sq + s. It runs one online softmax (flash-attention style, fp32 state) over
-    (a) text key tiles 0 .. max position of its rows (causal block skipping: later tiles are never visited), and
+    (a) text key tiles 0 .. P + max position of its rows (causal block skipping: later tiles are never visited), and
     (b) the contiguous range of chain keys of the positions its rows cover, k_own[..., p_lo*Sk : (p_hi+1)*Sk], with
         a block-diagonal mask (same position, t <= step).
 The text K/V are indexed through the query head's K/V head (GQA, no repeat) and shared by the N thoughts (no copy).
@@ -17,8 +18,8 @@ its group and the rows that can see it, so no atomics), one for the chain dK/dV.
 Based on the structure of the Triton fused-attention tutorial (06-fused-attention.py): outer kernel, online-softmax
 inner loop, log2-domain exponentials, lse saved for the backward, dQ and dK/dV in separate kernels.
 
-Dimensions: B batch, N thoughts, Hq / Hkv query / key-value heads (GROUP = Hq / Hkv), L positions, Sq query steps,
-Sk own chain steps, D head dim (padded to a power of two >= 16 inside the kernels).
+Dimensions: B batch, N thoughts, Hq / Hkv query / key-value heads (GROUP = Hq / Hkv), L thinking positions (P the
+first's text position; P + L text keys), Sq query steps, Sk own chain steps, D head dim (padded to a power of two >= 16 inside the kernels).
 """
 
 import functools
@@ -155,20 +156,20 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, cols, SQ, SK, N_COLS, step_offset, OWN: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) mask. Text keys: j <= i. Own keys: same position and t <= step_offset + s.
+def _visible(rows, cols, SQ, SK, N_COLS, step_offset, position_offset, OWN: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask. Text keys: j <= position_offset + i. Own keys: same position and t <= step_offset + s.
     Columns past the N_COLS keys are never visible."""
     pos = rows // SQ
     if OWN:
         same_position = (cols // SK)[None, :] == pos[:, None]
         visible = same_position & ((cols % SK)[None, :] <= (rows % SQ + step_offset)[:, None])
     else:
-        visible = cols[None, :] <= pos[:, None]
+        visible = cols[None, :] <= (pos + position_offset)[:, None]
     return visible & (cols[None, :] < N_COLS)
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, rows, d, K, V, lo, hi, N_COLS, SQ, SK, step_offset, qk_scale,
+def _fwd_inner(acc, m_i, l_i, q, rows, d, K, V, lo, hi, N_COLS, SQ, SK, step_offset, position_offset, qk_scale,
                stride_kl, stride_ks, stride_kd, stride_vl, stride_vs, stride_vd, HEAD_DIM_REAL,
                OWN: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     for start in range(lo, hi, BLOCK_N):
@@ -176,7 +177,7 @@ def _fwd_inner(acc, m_i, l_i, q, rows, d, K, V, lo, hi, N_COLS, SQ, SK, step_off
         k = _load_keys(K, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_kl, stride_ks, stride_kd)
         v = _load_keys(V, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_vl, stride_vs, stride_vd)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale  # log2 domain
-        s = tl.where(_visible(rows, cols, SQ, SK, N_COLS, step_offset, OWN), s, float("-inf"))
+        s = tl.where(_visible(rows, cols, SQ, SK, N_COLS, step_offset, position_offset, OWN), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -195,7 +196,7 @@ def _thought_attn_fwd(
     skb, skh, skl, skd, svb, svh, svl, svd,
     sob, son, soh, sol, sos, sod,
     sokb, sokn, sokh, sokl, soks, sokd, sovb, sovn, sovh, sovl, sovs, sovd,
-    N, HQ, L, SQ, SK, GROUP, step_offset, sm_scale, HEAD_DIM_REAL,
+    N, HQ, L, SQ, SK, GROUP, step_offset, position_offset, sm_scale, HEAD_DIM_REAL,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -206,17 +207,18 @@ def _thought_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # (a) text keys 0 .. last_pos: causal block skipping
+    # (a) text keys 0 .. position_offset + last_pos: causal block skipping
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, rows, d, K_TEXT + b * skb + hkv * skh, V_TEXT + b * svb + hkv * svh,
-        0, last_pos + 1, L, SQ, 1, step_offset, qk_scale, skl, 0, skd, svl, 0, svd, HEAD_DIM_REAL,
+        0, position_offset + last_pos + 1, position_offset + L, SQ, 1, step_offset, position_offset, qk_scale,
+        skl, 0, skd, svl, 0, svd, HEAD_DIM_REAL,
         False, BLOCK_N, UPCAST, PRECISION,
     )
     # (b) own chain keys of the positions first_pos .. last_pos (contiguous in the flattened (L, Sk) layout)
     acc, m_i, l_i = _fwd_inner(
         acc, m_i, l_i, q, rows, d,
         K_OWN + b * sokb + n * sokn + hkv * sokh, V_OWN + b * sovb + n * sovn + hkv * sovh,
-        first_pos * SK, (last_pos + 1) * SK, L * SK, SQ, SK, step_offset, qk_scale,
+        first_pos * SK, (last_pos + 1) * SK, L * SK, SQ, SK, step_offset, 0, qk_scale,
         sokl, soks, sokd, sovl, sovs, sovd, HEAD_DIM_REAL, True, BLOCK_N, UPCAST, PRECISION,
     )
     out = acc / l_i[:, None]
@@ -228,7 +230,7 @@ def _thought_attn_fwd(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, rows, d, K, V, lo, hi, N_COLS, SQ, SK, step_offset, qk_scale,
+def _bwd_dq_inner(dq, q, do, lse2, delta, rows, d, K, V, lo, hi, N_COLS, SQ, SK, step_offset, position_offset, qk_scale,
                   stride_kl, stride_ks, stride_kd, stride_vl, stride_vs, stride_vd, HEAD_DIM_REAL,
                   OWN: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     for start in range(lo, hi, BLOCK_N):
@@ -236,7 +238,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, rows, d, K, V, lo, hi, N_COLS, SQ, SK,
         k = _load_keys(K, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_kl, stride_ks, stride_kd)
         v = _load_keys(V, cols, d, SK, HEAD_DIM_REAL, N_COLS, stride_vl, stride_vs, stride_vd)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
-        visible = _visible(rows, cols, SQ, SK, N_COLS, step_offset, OWN)
+        visible = _visible(rows, cols, SQ, SK, N_COLS, step_offset, position_offset, OWN)
         p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         ds = p * (dp - delta[:, None])
@@ -252,7 +254,7 @@ def _thought_attn_bwd_dq(
     sqb, sqn, sqh, sql, sqs, sqd,
     skb, skh, skl, skd, svb, svh, svl, svd,
     sokb, sokn, sokh, sokl, soks, sokd, sovb, sovn, sovh, sovl, sovs, sovd,
-    N, HQ, L, SQ, SK, GROUP, step_offset, sm_scale, HEAD_DIM_REAL,
+    N, HQ, L, SQ, SK, GROUP, step_offset, position_offset, sm_scale, HEAD_DIM_REAL,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -269,13 +271,14 @@ def _thought_attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, rows, d, K_TEXT + b * skb + hkv * skh, V_TEXT + b * svb + hkv * svh,
-        0, last_pos + 1, L, SQ, 1, step_offset, qk_scale, skl, 0, skd, svl, 0, svd, HEAD_DIM_REAL,
+        0, position_offset + last_pos + 1, position_offset + L, SQ, 1, step_offset, position_offset, qk_scale,
+        skl, 0, skd, svl, 0, svd, HEAD_DIM_REAL,
         False, BLOCK_N, UPCAST, PRECISION,
     )
     dq = _bwd_dq_inner(
         dq, q, do, lse2, delta, rows, d,
         K_OWN + b * sokb + n * sokn + hkv * sokh, V_OWN + b * sovb + n * sovn + hkv * sovh,
-        first_pos * SK, (last_pos + 1) * SK, L * SK, SQ, SK, step_offset, qk_scale,
+        first_pos * SK, (last_pos + 1) * SK, L * SK, SQ, SK, step_offset, 0, qk_scale,
         sokl, soks, sokd, sovl, sovs, sovd, HEAD_DIM_REAL, True, BLOCK_N, UPCAST, PRECISION,
     )
     dq *= sm_scale
@@ -285,7 +288,7 @@ def _thought_attn_bwd_dq(
 
 @triton.jit
 def _bwd_kv_inner(dk, dv, k, v, cols, d, Q, DO, LSE, DELTA, row_lo, row_hi, N_COLS, SQ, SK, L, step_offset,
-                  qk_scale, sql, sqs, sqd, HEAD_DIM_REAL,
+                  position_offset, qk_scale, sql, sqs, sqd, HEAD_DIM_REAL,
                   OWN: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over query rows row_lo .. row_hi of one (b, n, h)."""
     for start in range(row_lo, row_hi, BLOCK_M):
@@ -295,7 +298,8 @@ def _bwd_kv_inner(dk, dv, k, v, cols, d, Q, DO, LSE, DELTA, row_lo, row_hi, N_CO
         lse2 = tl.load(LSE + rows, mask=rows < L * SQ, other=0.0) * LOG2E
         delta = tl.load(DELTA + rows, mask=rows < L * SQ, other=0.0)
         s_t = _dot(k, tl.trans(q), UPCAST, PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        visible = tl.trans(_visible(rows, cols, SQ, SK, N_COLS, step_offset, OWN)) & (rows[None, :] < L * SQ)
+        visible = _visible(rows, cols, SQ, SK, N_COLS, step_offset, position_offset, OWN)
+        visible = tl.trans(visible) & (rows[None, :] < L * SQ)
         p_t = tl.where(visible, tl.math.exp2(s_t - lse2[None, :]), 0.0)
         dv += _dot(p_t.to(do.dtype), do, UPCAST, PRECISION)
         dp_t = _dot(v, tl.trans(do), UPCAST, PRECISION)
@@ -304,41 +308,42 @@ def _bwd_kv_inner(dk, dv, k, v, cols, d, Q, DO, LSE, DELTA, row_lo, row_hi, N_CO
     return dk, dv
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["L", "SQ", "HEAD_DIM"],
+@triton.autotune(configs=BWD_CONFIGS, key=["L", "SQ", "N_KEYS", "HEAD_DIM"],
                  prune_configs_by={"early_config_prune": functools.partial(_prune, kernel="bwd_dkdv_text")})
 @triton.jit
 def _thought_attn_bwd_dkdv_text(
     Q, K_TEXT, V_TEXT, DO, LSE, DELTA, DK, DV,
     sqb, sqn, sqh, sql, sqs, sqd,
     skb, skh, skl, skd, svb, svh, svl, svd,
-    N, HQ, HKV, L, SQ, GROUP, step_offset, sm_scale, HEAD_DIM_REAL,
+    N, HQ, HKV, L, SQ, GROUP, step_offset, position_offset, N_KEYS, sm_scale, HEAD_DIM_REAL,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N text keys of one (b, hkv): sums over the N thoughts, the GROUP query heads sharing the K/V
-    head and every row whose position can see the keys (positions >= first key). DK/DV: contiguous (B, Hkv, L, D)."""
+    """dK, dV of BLOCK_N text keys (of N_KEYS = position_offset + L) of one (b, hkv): sums over the N thoughts, the
+    GROUP query heads sharing the K/V head and every row whose position can see the keys (position_offset + i >= first
+    key). DK/DV: contiguous (B, Hkv, N_KEYS, D)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: batch offsets can exceed 2**31
     hkv, b = pid_bh % HKV, pid_bh // HKV
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
-    k = _load_keys(K_TEXT + b * skb + hkv * skh, cols, d, 1, HEAD_DIM_REAL, L, skl, 0, skd)
-    v = _load_keys(V_TEXT + b * svb + hkv * svh, cols, d, 1, HEAD_DIM_REAL, L, svl, 0, svd)
+    k = _load_keys(K_TEXT + b * skb + hkv * skh, cols, d, 1, HEAD_DIM_REAL, N_KEYS, skl, 0, skd)
+    v = _load_keys(V_TEXT + b * svb + hkv * svh, cols, d, 1, HEAD_DIM_REAL, N_KEYS, svl, 0, svd)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     qk_scale = sm_scale * LOG2E
-    row_lo = (pid_n * BLOCK_N) * SQ  # causal: rows of earlier positions never see these keys
+    row_lo = tl.maximum(pid_n * BLOCK_N - position_offset, 0) * SQ  # causal: earlier positions never see these keys
     for n in range(0, N):
         for g in range(0, GROUP):
             bnh = (b * N + n) * HQ + hkv * GROUP + g
             dk, dv = _bwd_kv_inner(
                 dk, dv, k, v, cols, d, Q + b * sqb + n * sqn + (hkv * GROUP + g) * sqh,
                 DO + bnh * L * SQ * HEAD_DIM_REAL, LSE + bnh * L * SQ, DELTA + bnh * L * SQ,
-                row_lo, L * SQ, L, SQ, 1, L, step_offset, qk_scale, sql, sqs, sqd, HEAD_DIM_REAL,
+                row_lo, L * SQ, N_KEYS, SQ, 1, L, step_offset, position_offset, qk_scale, sql, sqs, sqd, HEAD_DIM_REAL,
                 False, BLOCK_M, UPCAST, PRECISION,
             )
     dk *= sm_scale
-    ptrs = pid_bh * L * HEAD_DIM_REAL + cols[:, None] * HEAD_DIM_REAL + d[None, :]
-    mask = (cols[:, None] < L) & (d[None, :] < HEAD_DIM_REAL)
+    ptrs = pid_bh * N_KEYS * HEAD_DIM_REAL + cols[:, None] * HEAD_DIM_REAL + d[None, :]
+    mask = (cols[:, None] < N_KEYS) & (d[None, :] < HEAD_DIM_REAL)
     tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
@@ -372,7 +377,7 @@ def _thought_attn_bwd_dkdv_own(
         dk, dv = _bwd_kv_inner(
             dk, dv, k, v, cols, d, Q + b * sqb + n * sqn + (hkv * GROUP + g) * sqh,
             DO + bnh * L * SQ * HEAD_DIM_REAL, LSE + bnh * L * SQ, DELTA + bnh * L * SQ,
-            first_pos * SQ, (last_pos + 1) * SQ, L * SK, SQ, SK, L, step_offset, qk_scale, sql, sqs, sqd,
+            first_pos * SQ, (last_pos + 1) * SQ, L * SK, SQ, SK, L, step_offset, 0, qk_scale, sql, sqs, sqd,
             HEAD_DIM_REAL, True, BLOCK_M, UPCAST, PRECISION,
         )
     dk *= sm_scale
@@ -396,7 +401,7 @@ def _launch_settings(q: Tensor) -> dict:
     )
 
 
-def _forward(q, k_text, v_text, k_own, v_own, scale, step_offset):
+def _forward(q, k_text, v_text, k_own, v_own, scale, step_offset, position_offset):
     batch, n_thoughts, n_heads, length, n_steps, _ = q.shape
     n_kv_heads, n_own = k_text.shape[1], k_own.shape[4]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -405,13 +410,13 @@ def _forward(q, k_text, v_text, k_own, v_own, scale, step_offset):
     _thought_attn_fwd[grid](
         q, k_text, v_text, k_own, v_own, out, lse,
         *q.stride(), *k_text.stride(), *v_text.stride(), *out.stride(), *k_own.stride(), *v_own.stride(),
-        n_thoughts, n_heads, length, n_steps, n_own, n_heads // n_kv_heads, step_offset, scale,
+        n_thoughts, n_heads, length, n_steps, n_own, n_heads // n_kv_heads, step_offset, position_offset, scale,
         **_launch_settings(q),
     )
     return out, lse
 
 
-def _backward(grad_out, q, k_text, v_text, k_own, v_own, out, lse, scale, step_offset):
+def _backward(grad_out, q, k_text, v_text, k_own, v_own, out, lse, scale, step_offset, position_offset):
     batch, n_thoughts, n_heads, length, n_steps, _ = q.shape
     n_kv_heads, n_own = k_text.shape[1], k_own.shape[4]
     group = n_heads // n_kv_heads
@@ -425,13 +430,15 @@ def _backward(grad_out, q, k_text, v_text, k_own, v_own, out, lse, scale, step_o
     _thought_attn_bwd_dq[grid](
         q, k_text, v_text, k_own, v_own, grad_out, lse, delta, dq,
         *q.stride(), *k_text.stride(), *v_text.stride(), *k_own.stride(), *v_own.stride(),
-        n_thoughts, n_heads, length, n_steps, n_own, group, step_offset, scale, **settings,
+        n_thoughts, n_heads, length, n_steps, n_own, group, step_offset, position_offset, scale, **settings,
     )
-    grid = lambda meta: (triton.cdiv(length, meta["BLOCK_N"]), batch * n_kv_heads)
+    n_keys = k_text.shape[2]  # position_offset + length
+    grid = lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), batch * n_kv_heads)
     _thought_attn_bwd_dkdv_text[grid](
         q, k_text, v_text, grad_out, lse, delta, dk_text, dv_text,
         *q.stride(), *k_text.stride(), *v_text.stride(),
-        n_thoughts, n_heads, n_kv_heads, length, n_steps, group, step_offset, scale, **settings,
+        n_thoughts, n_heads, n_kv_heads, length, n_steps, group, step_offset, position_offset, n_keys, scale,
+        **settings,
     )
     grid = lambda meta: (triton.cdiv(length * n_own, meta["BLOCK_N"]), batch * n_thoughts * n_kv_heads)
     _thought_attn_bwd_dkdv_own[grid](
@@ -446,16 +453,16 @@ class ThoughtAttentionFunction(torch.autograd.Function):
     """Saves q, k, v, the output and the per-row log-sum-exp; the backward recomputes the probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k_text, v_text, k_own, v_own, scale, step_offset):
-        out, lse = _forward(q, k_text, v_text, k_own, v_own, scale, step_offset)
+    def forward(ctx, q, k_text, v_text, k_own, v_own, scale, step_offset, position_offset):
+        out, lse = _forward(q, k_text, v_text, k_own, v_own, scale, step_offset, position_offset)
         ctx.save_for_backward(q, k_text, v_text, k_own, v_own, out, lse)
-        ctx.scale, ctx.step_offset = scale, step_offset
+        ctx.scale, ctx.step_offset, ctx.position_offset = scale, step_offset, position_offset
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = _backward(grad_out, *ctx.saved_tensors, ctx.scale, ctx.step_offset)
-        return *grads, None, None
+        grads = _backward(grad_out, *ctx.saved_tensors, ctx.scale, ctx.step_offset, ctx.position_offset)
+        return *grads, None, None, None
 
 
 def thought_attention(
@@ -467,20 +474,22 @@ def thought_attention(
     *,
     scale: float | None = None,
     step_offset: int = 0,
+    position_offset: int = 0,
 ) -> Tensor:
     """Fused thought attention; same signature, shapes and semantics as `quietstar.thought_attention`.
 
-    q (B, N, Hq, L, Sq, D); k_base, v_base (B, Hkv, L, D); k_own, v_own (B, N, Hkv, L, Sk, D) -> (B, N, Hq, L, Sq, D).
+    q (B, N, Hq, L, Sq, D); k_base, v_base (B, Hkv, P + L, D); k_own, v_own (B, N, Hkv, L, Sk, D)
+    -> (B, N, Hq, L, Sq, D), P = `position_offset`.
     fp16 / bf16 / fp32 inputs (all the same dtype), fp32 accumulation. CUDA tensors, or CPU tensors under
     TRITON_INTERPRET=1 (slow; for tests).
     """
-    _check_shapes(q, k_base, v_base, k_own, v_own, step_offset)
+    _check_shapes(q, k_base, v_base, k_own, v_own, step_offset, position_offset)
     if len({t.dtype for t in (q, k_base, v_base, k_own, v_own)}) != 1:
         raise ValueError("thought_attention (triton): q, k and v must share one dtype.")
     if not (q.is_cuda or INTERPRET):
         raise ValueError("thought_attention (triton) needs CUDA tensors (or TRITON_INTERPRET=1 on CPU).")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return ThoughtAttentionFunction.apply(q, k_base, v_base, k_own, v_own, scale, step_offset)
+    return ThoughtAttentionFunction.apply(q, k_base, v_base, k_own, v_own, scale, step_offset, position_offset)
 
 
 __all__ = ["thought_attention", "thought_attention_ref", "ThoughtAttentionFunction"]
