@@ -103,6 +103,7 @@ def test_short_recipe_run_learns_the_worked_text_and_reports_the_controls(tiny_s
     assert report["metric"] == "accuracy" and report["items"] == 8 and report["tokens"] == 8  # one digit per item
     assert set(report["models"]) == {"with thoughts", "base path", "control", "control-flops"}
     assert report["steps"]["control-flops"] > report["steps"]["control"] == 2
+    assert report["thinking_fraction"] == round(1 / 7, 4)  # thought_positions: scored, only ":" of `47*86:0` thinks
 
 
 @pytest.mark.slow
