@@ -776,7 +776,7 @@ def _install_output_capturing(base: PreTrainedModel) -> None:
 
 def _at_positions(values: Tensor, thinking: slice, length: int, fill: float) -> Tensor:
     """(B, N, L', ...) values of the thinking positions -> (B, N, L, ...), `fill` at the positions that did not think."""
-    if thinking == slice(None):
+    if values.shape[2] == length:  # every position thought (`thinking` is then slice(0, L), never slice(None))
         return values
     full = values.new_full((*values.shape[:2], length, *values.shape[3:]), fill)
     full[:, :, thinking] = values
